@@ -1,0 +1,132 @@
+"""Time and peak-memory measurement shared by every benchmark.
+
+Peak memory is the *extra* memory a call needs above what already exists when it starts: on CUDA from the caching
+allocator's peak statistics, on Linux CPUs from the process's resident-set high-water mark (reset through
+/proc/self/clear_refs before each measured call). Times are medians of repeated calls after warm-up, with the
+device synchronised.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class Result:
+    workload: str
+    provider: str
+    ms: float
+    peak_mb: float | None
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def machine_name(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _read_status_kb(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_cpu_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_extra_mb(fn: Callable[[], object], device: str) -> float | None:
+    """Peak memory (MiB) allocated by one call of `fn` beyond what was live before it."""
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        del out
+        return peak / 2**20
+    if not _reset_cpu_peak():
+        return None
+    base = _read_status_kb("VmRSS")
+    out = fn()
+    peak = _read_status_kb("VmHWM")
+    del out
+    if base is None or peak is None:
+        return None
+    return max(peak - base, 0) / 1024
+
+
+def time_ms(fn: Callable[[], object], device: str, warmup: int = 2, reps: int = 5) -> float:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    samples = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples)
+
+
+def measure(workload: str, provider: str, fn: Callable[[], object], device: str, warmup: int = 2, reps: int = 5,
+            **extra) -> Result:
+    ms = time_ms(fn, device, warmup, reps)
+    peak = peak_extra_mb(fn, device)
+    return Result(workload, provider, ms, peak, dict(extra))
+
+
+def format_table(results: list[Result], baseline: str) -> str:
+    """Rows grouped by workload; ratios are against `baseline` measured in the same run."""
+    lines = [f"{'workload':34s} {'provider':18s} {'ms':>10s} {'x ' + baseline:>14s} {'peak MiB':>10s} {'mem ratio':>10s}"]
+    by_workload: dict[str, list[Result]] = {}
+    for r in results:
+        by_workload.setdefault(r.workload, []).append(r)
+    for workload, rows in by_workload.items():
+        base = next((r for r in rows if r.provider == baseline), None)
+        for r in rows:
+            speed = f"{base.ms / r.ms:.2f}x" if base and r.ms > 0 else "-"
+            mem = "-"
+            if base and base.peak_mb and r.peak_mb is not None:
+                mem = f"{r.peak_mb / base.peak_mb:.3f}"
+            peak = f"{r.peak_mb:.1f}" if r.peak_mb is not None else "n/a"
+            lines.append(f"{workload:34s} {r.provider:18s} {r.ms:10.3f} {speed:>14s} {peak:>10s} {mem:>10s}")
+    return "\n".join(lines)

@@ -1,0 +1,51 @@
+"""Maps `arpo bench NAME` to a workload module and runs it."""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+
+import torch
+
+from arpo.bench.harness import format_table, machine_name, measure
+
+WORKLOADS = {
+    "token-stats": "arpo.bench.token_stats",
+}
+
+
+def _module(name: str):
+    if name not in WORKLOADS:
+        raise SystemExit(f"unknown benchmark {name!r}; choose one of: {', '.join(sorted(WORKLOADS))}")
+    return importlib.import_module(WORKLOADS[name])
+
+
+def describe() -> dict[str, str]:
+    return {name: importlib.import_module(mod).DOC for name, mod in WORKLOADS.items()}
+
+
+def run(name: str, device: str | None = None, quick: bool = False):
+    mod = _module(name)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    results = []
+    for case in mod.cases(device, quick):
+        for provider, make in mod.providers(device).items():
+            fn = make(case)
+            if fn is None:  # provider does not apply to this case (e.g. would not fit)
+                continue
+            results.append(measure(case.label, provider, fn, device, **case.extra()))
+            del fn
+    return mod, device, results
+
+
+def run_cli(name: str, device: str | None = None, quick: bool = False, out: str | None = None) -> int:
+    mod, device, results = run(name, device, quick)
+    print(f"# {name} on {machine_name(device)}  (torch {torch.__version__})")
+    print(format_table(results, mod.BASELINE))
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            json.dump({"benchmark": name, "machine": machine_name(device), "device": device,
+                       "torch": torch.__version__, "results": [r.as_dict() for r in results]}, f, indent=1)
+        print(f"wrote {out}")
+    return 0
