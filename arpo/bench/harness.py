@@ -61,6 +61,21 @@ def _read_status_kb(key: str) -> int | None:
     return None
 
 
+def _fix_malloc_thresholds() -> None:
+    """Make glibc return large freed blocks to the OS at once, so that RSS tracks live memory on the CPU."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: fixed, so the dynamic threshold never grows
+        libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+_fix_malloc_thresholds()
+
+
 def _reset_cpu_peak() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -116,7 +131,8 @@ def measure(workload: str, provider: str, fn: Callable[[], object], device: str,
 
 def format_table(results: list[Result], baseline: str) -> str:
     """Rows grouped by workload; ratios are against `baseline` measured in the same run."""
-    lines = [f"{'workload':34s} {'provider':18s} {'ms':>10s} {'x ' + baseline:>14s} {'peak MiB':>10s} {'mem ratio':>10s}"]
+    lines = [f"{'workload':44s} {'provider':22s} {'ms':>10s} {'speed vs ' + baseline:>16s} {'peak MiB':>10s} "
+             f"{'mem ratio':>10s} {'GB/s':>8s}"]
     by_workload: dict[str, list[Result]] = {}
     for r in results:
         by_workload.setdefault(r.workload, []).append(r)
@@ -128,5 +144,6 @@ def format_table(results: list[Result], baseline: str) -> str:
             if base and base.peak_mb and r.peak_mb is not None:
                 mem = f"{r.peak_mb / base.peak_mb:.3f}"
             peak = f"{r.peak_mb:.1f}" if r.peak_mb is not None else "n/a"
-            lines.append(f"{workload:34s} {r.provider:18s} {r.ms:10.3f} {speed:>14s} {peak:>10s} {mem:>10s}")
+            gbps = f"{r.extra['bytes_read'] / r.ms / 1e6:.0f}" if "bytes_read" in r.extra and r.ms > 0 else ""
+            lines.append(f"{workload:44s} {r.provider:22s} {r.ms:10.3f} {speed:>16s} {peak:>10s} {mem:>10s} {gbps:>8s}")
     return "\n".join(lines)

@@ -1,0 +1,189 @@
+"""Per-token log-prob + entropy: naive PyTorch vs torch.compile vs our chunked PyTorch vs our Triton vs Liger.
+
+Workloads (each forward + backward unless named `fwd`):
+- `logits fwd`: statistics from given logits (bandwidth-bound: reads T x V once; GB/s reported).
+- `logits`: the same with backward to the logits.
+- `linear`: from hidden states and the lm_head weight (the trainer's real path), gradients to both.
+  The provider `matmuls` runs only the three matmuls any implementation needs (forward logits, d hidden,
+  d weight) at full size, as the floor the fused path is compared with.
+GPU shapes are Qwen2.5-3B's (H = 2048, V = 151,936); the CPU set is scaled down.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+DOC = "log-prob + entropy from logits / from hidden states (lm_head fused): time and peak memory vs naive"
+BASELINE = "naive"
+
+
+@dataclass
+class Case:
+    kind: str  # "logits fwd" | "logits" | "linear"
+    tokens: int
+    hidden: int
+    vocab: int
+    dtype: torch.dtype
+    device: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind} T={self.tokens} H={self.hidden} V={self.vocab} {str(self.dtype).split('.')[-1]}"
+
+    def extra(self) -> dict:
+        extra = {"kind": self.kind, "tokens": self.tokens, "hidden": self.hidden, "vocab": self.vocab,
+                 "dtype": str(self.dtype)}
+        if self.kind == "logits fwd":  # bandwidth-bound: the logits are read once
+            extra["bytes_read"] = self.tokens * self.vocab * self.dtype.itemsize
+        return extra
+
+
+def cases(device: str, quick: bool) -> list[Case]:
+    if device.startswith("cuda"):
+        dt, H, V = torch.bfloat16, 2048, 151936
+        token_counts = [1024] if quick else [1024, 4096, 16384]
+    else:
+        dt = torch.float32
+        H, V = (128, 8192) if quick else (512, 32768)
+        token_counts = [256] if quick else [1024, 4096]
+    out = []
+    for t in token_counts:
+        for kind in ("logits fwd", "logits", "linear"):
+            out.append(Case(kind, t, H, V, dt, device))
+    return out
+
+
+def _naive_stats(logits: torch.Tensor, targets: torch.Tensor):
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    return logp.gather(-1, targets[:, None])[:, 0], entropy
+
+
+_compiled = None
+
+
+def _compiled_stats():
+    global _compiled
+    if _compiled is None:
+        _compiled = torch.compile(_naive_stats, dynamic=False)
+    return _compiled
+
+
+def _inputs(case: Case):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    hidden = (torch.randn(case.tokens, case.hidden, generator=g) ).to(case.device, case.dtype)
+    weight = (torch.randn(case.vocab, case.hidden, generator=g) / case.hidden ** 0.5).to(case.device, case.dtype)
+    targets = torch.randint(0, case.vocab, (case.tokens,), generator=g).to(case.device)
+    return hidden, weight, targets
+
+
+def _logits_provider(stats_fn):
+    def make(case: Case):
+        if case.kind == "linear":
+            return None
+        hidden, weight, targets = _inputs(case)
+        logits = (hidden @ weight.t()).detach()
+        del hidden, weight
+        if case.kind == "logits fwd":
+            def run():
+                with torch.no_grad():
+                    return stats_fn(logits, targets)
+            return run
+        leaf = logits.requires_grad_()
+
+        def run():
+            lp, ent = stats_fn(leaf, targets)
+            (lp.sum() + ent.sum()).backward()
+            leaf.grad = None
+        return run
+    return make
+
+
+def _linear_provider(stats_from_hidden):
+    def make(case: Case):
+        if case.kind != "linear":
+            return None
+        hidden, weight, targets = _inputs(case)
+        hidden.requires_grad_()
+        weight.requires_grad_()
+
+        def run():
+            lp, ent = stats_from_hidden(hidden, weight, targets)
+            (lp.sum() + ent.sum()).backward()
+            hidden.grad = weight.grad = None
+        return run
+    return make
+
+
+def _forced(backend: str, fn):
+    def wrapped(*args):
+        old = os.environ.get("ARPO_KERNEL_BACKEND")
+        os.environ["ARPO_KERNEL_BACKEND"] = backend
+        try:
+            return fn(*args)
+        finally:
+            if old is None:
+                os.environ.pop("ARPO_KERNEL_BACKEND", None)
+            else:
+                os.environ["ARPO_KERNEL_BACKEND"] = old
+    return wrapped
+
+
+def _matmuls_only(case: Case):
+    if case.kind != "linear":
+        return None
+    hidden, weight, _ = _inputs(case)
+
+    def run():
+        logits = hidden @ weight.t()
+        grad_hidden = logits @ weight
+        grad_weight = logits.t() @ hidden
+        return grad_hidden, grad_weight
+    return run
+
+
+def _liger_linear(case: Case):
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except Exception:
+        return None
+    if case.kind != "linear" or not case.device.startswith("cuda"):
+        return None
+    hidden, weight, targets = _inputs(case)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    loss_fn = LigerFusedLinearCrossEntropyLoss(reduction="sum")
+
+    def run():  # log-probs only: Liger has no entropy output
+        loss_fn(weight, hidden, targets).backward()
+        hidden.grad = weight.grad = None
+    return run
+
+
+def providers(device: str) -> dict:
+    from arpo_kernels import linear_logprobs_entropy, token_logprobs_entropy
+
+    def naive_linear(h, w, t):
+        return _naive_stats(h @ w.t(), t)
+
+    def compiled_linear(h, w, t):
+        return _compiled_stats()(h @ w.t(), t)
+
+    out = {
+        "naive": lambda case: (_logits_provider(_naive_stats)(case) if case.kind != "linear"
+                               else _linear_provider(naive_linear)(case)),
+        "torch.compile": lambda case: (_logits_provider(lambda x, t: _compiled_stats()(x, t))(case)
+                                       if case.kind != "linear" else _linear_provider(compiled_linear)(case)),
+        "arpo-torch": lambda case: (_logits_provider(_forced("torch", token_logprobs_entropy))(case)
+                                    if case.kind != "linear"
+                                    else _linear_provider(_forced("torch", linear_logprobs_entropy))(case)),
+    }
+    if device.startswith("cuda"):
+        out["arpo-triton"] = lambda case: (_logits_provider(_forced("triton", token_logprobs_entropy))(case)
+                                           if case.kind != "linear"
+                                           else _linear_provider(_forced("triton", linear_logprobs_entropy))(case))
+        out["liger (logprob only)"] = _liger_linear
+    out["matmuls"] = _matmuls_only
+    return out

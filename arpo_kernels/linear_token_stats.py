@@ -1,0 +1,132 @@
+"""Log-prob and entropy straight from hidden states and the lm_head: logits exist only one chunk at a time.
+
+Why: the trainer needs per-token log-probs and entropies of `hidden @ weight.T`, and the `[tokens, V]` logits
+(plus their fp32 log-softmax, plus what autograd keeps) are the largest tensors of an RL step. Here the tokens
+are processed in chunks: for each chunk the logits are produced by one matmul (cuBLAS / MKL, the fastest there
+is), reduced to two floats per row by the row-statistics kernel of `token_stats`, and dropped. Backward
+recomputes each chunk's logits, turns them into d(logits) in place with the same kernel family, and
+accumulates `d hidden = d logits @ W` and `d W += d logits^T @ hidden`.
+
+Cost: four matmuls of size tokens x H x V (forward, recompute, two gradients) instead of three, in exchange for
+peak extra memory of one chunk (`chunk_tokens x V`) instead of several `tokens x V` tensors. The chunk size adapts
+to V so that a chunk holds about `chunk_elements` logits.
+"""
+from __future__ import annotations
+
+import torch
+
+from arpo_kernels.token_stats import (
+    _FLOAT_DTYPES,
+    check_targets,
+    check_temperature,
+    stats_backward,
+    stats_forward,
+)
+
+_DEFAULT_CHUNK_ELEMENTS = None  # per device: see _default_chunk_elements
+
+
+def _default_chunk_elements(device: torch.device) -> int:
+    # GPU: 32M logits (64 MiB in bf16) keep the matmuls large; CPU: 4M fit caches better and bound memory.
+    return 1 << 25 if device.type == "cuda" else 1 << 22
+
+
+def _chunk_tokens(n: int, V: int, chunk_elements: int) -> int:
+    return max(1, min(n, chunk_elements // max(V, 1)))
+
+
+def _logits_chunk(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return h @ weight.t()
+
+
+class _LinearTokenStats(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden2d, weight, targets1d, temperature, ignore_index, chunk_elements):
+        n = hidden2d.shape[0]
+        V = weight.shape[0]
+        logprob = torch.empty(n, dtype=torch.float32, device=hidden2d.device)
+        entropy = torch.empty_like(logprob)
+        lse = torch.empty_like(logprob)
+        step = _chunk_tokens(n, V, chunk_elements)
+        for a in range(0, n, step):
+            logits = _logits_chunk(hidden2d[a:a + step], weight)
+            lp, ent, ls = stats_forward(logits, targets1d[a:a + step], temperature, ignore_index)
+            logprob[a:a + step], entropy[a:a + step], lse[a:a + step] = lp, ent, ls
+            del logits
+        ctx.save_for_backward(hidden2d, weight, targets1d, lse, entropy)
+        ctx.temperature, ctx.ignore_index, ctx.step = temperature, ignore_index, step
+        return logprob, entropy
+
+    @staticmethod
+    def backward(ctx, g_lp, g_h):
+        hidden2d, weight, targets1d, lse, entropy = ctx.saved_tensors
+        g_lp = torch.zeros_like(lse) if g_lp is None else g_lp.float().contiguous()
+        g_h = torch.zeros_like(lse) if g_h is None else g_h.float().contiguous()
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.empty_like(hidden2d) if need_h else None
+        # Accumulate d W over chunks in fp32 when the weight is low precision.
+        acc_dtype = torch.float32 if (weight.dtype != torch.float32 and hidden2d.shape[0] > ctx.step) else weight.dtype
+        grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None
+        n, step = hidden2d.shape[0], ctx.step
+        for a in range(0, n, step):
+            h = hidden2d[a:a + step]
+            logits = _logits_chunk(h, weight)
+            grad_logits = stats_backward(logits, targets1d[a:a + step], lse[a:a + step], entropy[a:a + step],
+                                         g_lp[a:a + step], g_h[a:a + step], ctx.temperature, ctx.ignore_index,
+                                         out=logits)  # in place: the logits are not needed afterwards
+            if need_h:
+                torch.matmul(grad_logits, weight, out=grad_hidden[a:a + step])
+            if need_w:
+                if acc_dtype == grad_logits.dtype:
+                    grad_weight.addmm_(grad_logits.t(), h)
+                else:
+                    grad_weight += (grad_logits.t() @ h).to(acc_dtype)
+            del logits, grad_logits
+        if need_w and grad_weight.dtype != weight.dtype:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None, None
+
+
+def linear_logprobs_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                            temperature: float = 1.0, ignore_index: int = -100,
+                            chunk_elements: int | None = _DEFAULT_CHUNK_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob of `targets` and entropy under `softmax(hidden @ weight.T / temperature)`, never storing all logits.
+
+    hidden `[..., H]`, weight `[V, H]`, targets `[...]` integer. Returns fp32 `(logprob, entropy)` of shape
+    `targets.shape`; differentiable w.r.t. `hidden` and `weight`.
+    """
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() < 1:
+        raise ValueError("hidden must be a tensor of shape [..., H]")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"weight must be a 2-D tensor [V, H], got shape {tuple(getattr(weight, 'shape', ()))}")
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        if t.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{name} dtype {t.dtype} is not supported; use float32, bfloat16 or float16")
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"hidden dtype {hidden.dtype} differs from weight dtype {weight.dtype}")
+    if hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"hidden size mismatch: hidden has H={hidden.shape[-1]} but weight is "
+                         f"[V={weight.shape[0]}, H={weight.shape[1]}]")
+    if weight.shape[0] == 0:
+        raise ValueError("weight has an empty vocabulary dimension (V = 0)")
+    if hidden.device != weight.device or targets.device != hidden.device:
+        raise ValueError(f"hidden ({hidden.device}), weight ({weight.device}) and targets ({targets.device}) "
+                         "must be on one device")
+    if chunk_elements is None:
+        chunk_elements = _default_chunk_elements(hidden.device)
+    if chunk_elements < 1:
+        raise ValueError(f"chunk_elements must be >= 1, got {chunk_elements}")
+    check_targets(targets, weight.shape[0], ignore_index, hidden.shape[:-1])
+    temperature = check_temperature(temperature)
+    lead = hidden.shape[:-1]
+    hidden2d = hidden.reshape(-1, hidden.shape[-1]).contiguous()
+    logprob, entropy = _LinearTokenStats.apply(hidden2d, weight, targets.reshape(-1).contiguous(), temperature,
+                                               int(ignore_index), int(chunk_elements))
+    return logprob.view(lead), entropy.view(lead)
+
+
+def linear_logprobs_entropy_reference(hidden, weight, targets, temperature=1.0, ignore_index=-100):
+    """Plain PyTorch: materialise the logits, then the reference log-softmax statistics."""
+    from arpo_kernels.token_stats import token_logprobs_entropy_reference
+
+    return token_logprobs_entropy_reference(hidden @ weight.t(), targets, temperature, ignore_index)
