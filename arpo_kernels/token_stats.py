@@ -109,8 +109,15 @@ def _token_stats_bwd_kernel(
         tl.store(grad_row + offs, (g * inv_temperature).to(grad_ptr.dtype.element_ty), mask=offs < V)
 
 
-def _block_v(V: int) -> int:
-    return max(16, min(triton.next_power_of_2(V), 4096 if torch.cuda.is_available() else 1024))
+# (BLOCK_V, num_warps) for the row kernels on CUDA; tuned on an H100 (benchmarks/tune_token_stats.py).
+CUDA_LAUNCH = {"fwd": (4096, 4), "bwd": (4096, 16)}
+
+
+def _launch(V: int, which: str, on_cuda: bool) -> dict:
+    if not on_cuda:  # the interpreter: small blocks keep numpy temporaries small
+        return {"BLOCK_V": max(16, min(triton.next_power_of_2(V), 1024))}
+    block, warps = CUDA_LAUNCH[which]
+    return {"BLOCK_V": max(16, min(triton.next_power_of_2(V), block)), "num_warps": warps}
 
 
 def _stats_fwd_triton(logits2d: torch.Tensor, targets1d: torch.Tensor, temperature: float, ignore_index: int):
@@ -120,7 +127,7 @@ def _stats_fwd_triton(logits2d: torch.Tensor, targets1d: torch.Tensor, temperatu
     if n:
         _token_stats_fwd_kernel[(n,)](
             logits2d, logits2d.stride(0), targets1d, out[0], out[1], out[2],
-            V, 1.0 / temperature, ignore_index, BLOCK_V=_block_v(V),
+            V, 1.0 / temperature, ignore_index, **_launch(V, "fwd", logits2d.is_cuda),
         )
     return out[0], out[1], out[2]
 
@@ -132,7 +139,8 @@ def _stats_bwd_triton(logits2d, targets1d, lse, entropy, g_lp, g_h, temperature,
     if n:
         _token_stats_bwd_kernel[(n,)](
             logits2d, logits2d.stride(0), grad, grad.stride(0), targets1d, lse, entropy,
-            g_lp.contiguous(), g_h.contiguous(), V, 1.0 / temperature, ignore_index, BLOCK_V=_block_v(V),
+            g_lp.contiguous(), g_h.contiguous(), V, 1.0 / temperature, ignore_index,
+            **_launch(V, "bwd", logits2d.is_cuda),
         )
     return grad
 

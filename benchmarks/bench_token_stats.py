@@ -3,7 +3,9 @@ import pytest
 
 from arpo.bench import token_stats as workload
 from arpo.bench.harness import peak_extra_mb
-from conftest import DEVICE, QUICK
+from arpo.bench.harness import bench_settings
+
+DEVICE, QUICK = bench_settings()
 
 CASES = workload.cases(DEVICE, QUICK)
 PROVIDERS = workload.providers(DEVICE)

@@ -30,6 +30,12 @@ class Result:
         return asdict(self)
 
 
+def bench_settings() -> tuple[str, bool]:
+    """(device, quick) for the pytest-benchmark suites: CUDA when present; quick unless ARPO_BENCH_FULL=1."""
+    device = os.environ.get("ARPO_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    return device, os.environ.get("ARPO_BENCH_FULL", "0") != "1"
+
+
 def machine_name(device: str) -> str:
     if device.startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.get_device_name(torch.device(device))

@@ -30,11 +30,16 @@ def run(name: str, device: str | None = None, quick: bool = False):
     results = []
     for case in mod.cases(device, quick):
         for provider, make in mod.providers(device).items():
-            fn = make(case)
-            if fn is None:  # provider does not apply to this case (e.g. would not fit)
-                continue
-            results.append(measure(case.label, provider, fn, device, **case.extra()))
-            del fn
+            try:
+                fn = make(case)
+                if fn is None:  # provider does not apply to this case
+                    continue
+                results.append(measure(case.label, provider, fn, device, **case.extra()))
+            except torch.OutOfMemoryError:
+                print(f"[{case.label}] {provider}: out of memory, skipped")
+            fn = None
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
     return mod, device, results
 
 

@@ -4,11 +4,15 @@ import torch
 
 from arpo_kernels import linear_logprobs_entropy, linear_logprobs_entropy_reference
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 
 def _check(hidden, weight, targets, temperature=1.0, ignore_index=-100, chunk_elements=None, atol=1e-5):
-    h = hidden.detach().clone().requires_grad_()
-    w = weight.detach().clone().requires_grad_()
-    lp, ent = linear_logprobs_entropy(h, w, targets, temperature, ignore_index, chunk_elements=chunk_elements)
+    h = hidden.detach().to(DEVICE).requires_grad_()
+    w = weight.detach().to(DEVICE).requires_grad_()
+    lp, ent = linear_logprobs_entropy(h, w, targets.to(DEVICE), temperature, ignore_index,
+                                      chunk_elements=chunk_elements)
+    lp, ent = lp.cpu(), ent.cpu()
     h64 = hidden.detach().double().requires_grad_()
     w64 = weight.detach().double().requires_grad_()
     lp_ref, ent_ref = linear_logprobs_entropy_reference(h64, w64, targets, temperature, ignore_index)
@@ -21,8 +25,8 @@ def _check(hidden, weight, targets, temperature=1.0, ignore_index=-100, chunk_el
     ((lp.double() * a).sum() + (ent.double() * b).sum()).backward()
     ((lp_ref * a).sum() + (ent_ref * b).sum()).backward()
     gtol = atol * 10 if hidden.dtype == torch.float32 else 5e-2
-    torch.testing.assert_close(h.grad.double(), h64.grad, atol=gtol, rtol=1e-3)
-    torch.testing.assert_close(w.grad.double(), w64.grad, atol=gtol, rtol=1e-3)
+    torch.testing.assert_close(h.grad.double().cpu(), h64.grad, atol=gtol, rtol=1e-3)
+    torch.testing.assert_close(w.grad.double().cpu(), w64.grad, atol=gtol, rtol=1e-3)
 
 
 @pytest.mark.parametrize("n, H, V", [(1, 8, 7), (37, 16, 1000), (0, 8, 5), (300, 8, 33)])
@@ -41,8 +45,8 @@ def test_leading_dims_ignore_index_and_masked_rows(backend):
     targets[0, 2] = -100
     targets[1, 6] = -100
     _check(hidden, weight, targets, chunk_elements=4 * 4231)
-    h = hidden.clone().requires_grad_()
-    lp, ent = linear_logprobs_entropy(h, weight, targets)
+    h = hidden.to(DEVICE).requires_grad_()
+    lp, ent = linear_logprobs_entropy(h, weight.to(DEVICE), targets.to(DEVICE))
     (lp.sum() + ent.sum()).backward()
     assert lp[0, 2] == 0 and ent[1, 6] == 0
     assert torch.all(h.grad[0, 2] == 0) and torch.all(h.grad[1, 6] == 0)
@@ -52,9 +56,10 @@ def test_bf16(backend):
     hidden = torch.randn(20, 32).bfloat16()
     weight = (torch.randn(257, 32) / 6).bfloat16()
     targets = torch.randint(0, 257, (20,))
-    h = hidden.clone().requires_grad_()
-    w = weight.clone().requires_grad_()
-    lp, ent = linear_logprobs_entropy(h, w, targets, chunk_elements=257 * 6)
+    h = hidden.to(DEVICE).requires_grad_()
+    w = weight.to(DEVICE).requires_grad_()
+    lp, ent = linear_logprobs_entropy(h, w, targets.to(DEVICE), chunk_elements=257 * 6)
+    lp, ent = lp.cpu(), ent.cpu()
     lp_ref, ent_ref = linear_logprobs_entropy_reference(hidden.double(), weight.double(), targets)
     # bf16 logits are rounded before the statistics, as in the naive bf16 path: tolerance of bf16 rounding.
     torch.testing.assert_close(lp.double(), lp_ref, atol=5e-2, rtol=2e-2)

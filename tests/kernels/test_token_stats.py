@@ -4,12 +4,17 @@ import torch
 
 from arpo_kernels import backend_for, token_logprobs_entropy, token_logprobs_entropy_reference
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-5, torch.float16: 2e-5}
 
 
 def _check(logits, targets, temperature=1.0, ignore_index=-100, atol=2e-5, grad_weights=(1.0, 1.0)):
-    x = logits.detach().clone().requires_grad_()
-    lp, ent = token_logprobs_entropy(x, targets, temperature, ignore_index)
+    """Runs on DEVICE; the float64 reference runs on the CPU."""
+    logits, targets = logits.detach().cpu(), targets.cpu()
+    x = logits.to(DEVICE).requires_grad_()
+    lp, ent = token_logprobs_entropy(x, targets.to(DEVICE), temperature, ignore_index)
+    lp, ent = lp.cpu(), ent.cpu()
     assert lp.dtype == torch.float32 and ent.dtype == torch.float32
     assert lp.shape == targets.shape and ent.shape == targets.shape
     x64 = logits.detach().double().requires_grad_()
@@ -27,7 +32,7 @@ def _check(logits, targets, temperature=1.0, ignore_index=-100, atol=2e-5, grad_
     loss.backward()
     ((lp_ref * w_lp * a).sum() + (ent_ref * w_ent * b).sum()).backward()
     assert x.grad.dtype == logits.dtype
-    torch.testing.assert_close(x.grad.double(), x64.grad, atol=atol * 10 if logits.dtype == torch.float32
+    torch.testing.assert_close(x.grad.double().cpu(), x64.grad, atol=atol * 10 if logits.dtype == torch.float32
                                else 2e-2, rtol=1e-3)
 
 
@@ -76,7 +81,8 @@ def test_masked_vocabulary_and_extremes(backend):
     logits[3] = -1e4
     targets = torch.tensor([3, 5, 17, 299, 0, 100])
     _check(logits, targets, atol=1e-6)
-    lp, ent = token_logprobs_entropy(logits, targets)
+    lp, ent = token_logprobs_entropy(logits.to(DEVICE), targets.to(DEVICE))
+    lp, ent = lp.cpu(), ent.cpu()
     assert torch.isfinite(lp).all() and torch.isfinite(ent).all()
     assert abs(float(ent[1])) < 1e-6 and abs(float(lp[1])) < 1e-6
 
@@ -89,8 +95,8 @@ def test_half_inputs(backend, dtype):
 
 
 def test_ignore_index_gives_zero_and_no_gradient(backend):
-    logits = torch.randn(5, 40, requires_grad=True)
-    targets = torch.tensor([1, -100, 3, -100, 39])
+    logits = torch.randn(5, 40, device=DEVICE, requires_grad=True)
+    targets = torch.tensor([1, -100, 3, -100, 39], device=DEVICE)
     lp, ent = token_logprobs_entropy(logits, targets)
     assert lp[1] == 0 and ent[1] == 0 and lp[3] == 0 and ent[3] == 0
     (lp.sum() + ent.sum()).backward()
@@ -105,8 +111,8 @@ def test_gradient_through_one_output(backend, which):
     logits = torch.randn(4, 64)
     targets = torch.randint(0, 64, (4,))
     _check(logits, targets, grad_weights=(1.0, 0.0) if which == "logprob" else (0.0, 1.0))
-    x = logits.clone().requires_grad_()
-    lp, ent = token_logprobs_entropy(x, targets)
+    x = logits.to(DEVICE).requires_grad_()
+    lp, ent = token_logprobs_entropy(x, targets.to(DEVICE))
     (lp if which == "logprob" else ent).sum().backward()  # the other output's gradient is None
     assert torch.isfinite(x.grad).all()
 
