@@ -39,7 +39,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist", "pytest-benchmark", "hypothesis", "tokenizers", "bm25s", "sympy", "datasets"],
+        "test": ["pytest", "pytest-xdist", "pytest-benchmark", "hypothesis", "tokenizers", "bm25s", "sympy", "math-verify", "datasets"],
         "tools": ["bm25s", "sympy", "math-verify", "datasets"],
         "plot": ["matplotlib", "tensorboard"],
         "gpu": ["flash-attn", "xformers", "liger-kernel"],

@@ -1,0 +1,112 @@
+"""Reward functions `reward(completion_text, ground_truth, **row) -> float`, loadable by name or dotted path.
+
+* `arpo` (the reference's rule, ../shared/ARPO.md §4): −1 for a bad format; otherwise the token F1 of the boxed
+  answer (for math data sources 1.0 when mathematically equal, else the F1), plus 0.1 when that is > 0 and the
+  trajectory used both search and python.
+* `embedded` (the default CLI task, whose answers are plain: `<answer>5541</answer>`): −1 when the tags are
+  unpaired or out of order, the answer block is missing or repeated, or anything but whitespace follows it;
+  1 when the answer equals the ground truth (numbers compared as integers, text after normalisation); else 0.
+  No tool bonus: the arithmetic needs only python, and a correct answer is what the tiny model must learn.
+* `f1`, `exact_match`: the bare metrics on the boxed answer (or the whole answer block when there is no box).
+
+`score(...)` returns a `RewardResult` with the reason a trajectory got −1, for logging; the plain functions
+return its float.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+from arpo.rewards.answer import exact_match, extract_boxed, math_equal, normalize_answer, token_f1
+from arpo.rewards.format import check_format
+
+MATH_SOURCES = ("math", "gsm8k", "aime", "amc", "olympiad", "numina", "deepscaler", "svamp", "asdiv", "tabmwp")
+TOOL_BONUS = 0.1
+
+
+@dataclass(frozen=True)
+class RewardResult:
+    score: float
+    reason: str = ""  # why the format failed ("" when it passed)
+    answer: str = ""  # the extracted answer
+
+
+def is_math_source(data_source: str) -> bool:
+    source = (data_source or "").lower()
+    return any(name in source for name in MATH_SOURCES)
+
+
+def score_arpo(completion: str, ground_truth, data_source: str = "", **row) -> RewardResult:
+    fmt = check_format(completion, require_boxed=True)
+    if not fmt.ok:
+        return RewardResult(-1.0, fmt.reason)
+    answer = extract_boxed(fmt.answer) or ""
+    score = token_f1(answer, ground_truth)
+    if is_math_source(data_source) and math_equal(answer, ground_truth):
+        score = 1.0
+    if score > 0 and {"search", "python"} <= fmt.tools_used:
+        score += TOOL_BONUS
+    return RewardResult(score, "", answer)
+
+
+def _same_answer(answer: str, ground_truth) -> bool:
+    truths = ground_truth if isinstance(ground_truth, (list, tuple)) else [ground_truth]
+    for gt in map(str, truths):
+        if re.fullmatch(r"\s*-?\d+\s*", answer) and re.fullmatch(r"\s*-?\d+\s*", gt):
+            if int(answer) == int(gt):
+                return True
+        elif normalize_answer(answer) == normalize_answer(gt) and normalize_answer(gt):
+            return True
+    return False
+
+
+def score_embedded(completion: str, ground_truth, **row) -> RewardResult:
+    fmt = check_format(completion, require_boxed=False)
+    if not fmt.ok:
+        return RewardResult(-1.0, fmt.reason)
+    if completion.rstrip().rsplit("</answer>", 1)[1].strip():
+        return RewardResult(-1.0, "text after </answer>", fmt.answer)
+    answer = fmt.answer.strip()
+    return RewardResult(1.0 if _same_answer(answer, ground_truth) else 0.0, "", answer)
+
+
+def _answer_text(completion: str) -> str:
+    fmt = check_format(completion, require_boxed=False)
+    text = fmt.answer if fmt.answer else completion
+    return extract_boxed(text) or text
+
+
+def arpo_reward(completion: str, ground_truth, **row) -> float:
+    return score_arpo(completion, ground_truth, **row).score
+
+
+def embedded_reward(completion: str, ground_truth, **row) -> float:
+    return score_embedded(completion, ground_truth, **row).score
+
+
+def f1_reward(completion: str, ground_truth, **row) -> float:
+    return token_f1(_answer_text(completion), ground_truth)
+
+
+def exact_match_reward(completion: str, ground_truth, **row) -> float:
+    return exact_match(_answer_text(completion), ground_truth)
+
+
+BUILTIN_REWARDS: dict[str, Callable[..., float]] = {
+    "arpo": arpo_reward, "embedded": embedded_reward, "f1": f1_reward, "exact_match": exact_match_reward,
+}
+
+
+def load_reward(spec: str) -> Callable[..., float]:
+    """A reward function from a built-in name (arpo, embedded, f1, exact_match) or `pkg.module:function`."""
+    if spec in BUILTIN_REWARDS:
+        return BUILTIN_REWARDS[spec]
+    if ":" not in spec and "." not in spec:
+        raise ValueError(f"unknown reward {spec!r}: use one of {sorted(BUILTIN_REWARDS)} or 'pkg.module:function'")
+    from arpo.tools.registry import import_object
+
+    fn = import_object(spec)
+    if not callable(fn):
+        raise TypeError(f"reward {spec!r} is not callable")
+    return fn
