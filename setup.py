@@ -30,7 +30,7 @@ setup(
     packages=find_packages(include=["arpo", "arpo.*", "arpo_kernels", "arpo_kernels.*"]),
     package_data={"arpo": ["data/embedded/*", "configs/*.yaml"]},
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.5",
         "triton>=3.0",
         "transformers>=4.45",
         "safetensors",

@@ -3,11 +3,30 @@
 Nothing here imports from `arpo`. Backend choice: `arpo_kernels.backend_for(tensor)`.
 """
 from arpo_kernels._backend import backend_for
+from arpo_kernels.kv_cache import copy_blocks, copy_blocks_reference, gather_kv, store_kv, store_kv_reference
 from arpo_kernels.linear_token_stats import linear_logprobs_entropy, linear_logprobs_entropy_reference
+from arpo_kernels.paged_attention import (
+    paged_decode_attention,
+    paged_decode_attention_reference,
+    paged_prefill_attention,
+    paged_prefill_attention_reference,
+)
+from arpo_kernels.sampler import sample, sample_reference
 from arpo_kernels.token_stats import token_logprobs_entropy, token_logprobs_entropy_reference
 
 __all__ = [
     "backend_for",
+    "copy_blocks",
+    "copy_blocks_reference",
+    "gather_kv",
+    "paged_decode_attention",
+    "paged_decode_attention_reference",
+    "paged_prefill_attention",
+    "paged_prefill_attention_reference",
+    "sample",
+    "sample_reference",
+    "store_kv",
+    "store_kv_reference",
     "linear_logprobs_entropy",
     "linear_logprobs_entropy_reference",
     "token_logprobs_entropy",

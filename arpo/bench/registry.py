@@ -11,6 +11,9 @@ from arpo.bench.harness import format_table, machine_name, measure
 
 WORKLOADS = {
     "token-stats": "arpo.bench.token_stats",
+    "decode": "arpo.bench.decode",
+    "paged-attention": "arpo.bench.paged_attention",
+    "policy-loss": "arpo.bench.policy_loss",
 }
 
 
@@ -34,7 +37,10 @@ def run(name: str, device: str | None = None, quick: bool = False):
                 fn = make(case)
                 if fn is None:  # provider does not apply to this case
                     continue
-                results.append(measure(case.label, provider, fn, device, **case.extra()))
+                warmup, reps = getattr(mod, "REPS", (2, 5))
+                extra = dict(case.extra())
+                extra.update(getattr(fn, "extra", {}))
+                results.append(measure(case.label, provider, fn, device, warmup, reps, **extra))
             except torch.OutOfMemoryError:
                 print(f"[{case.label}] {provider}: out of memory, skipped")
             fn = None

@@ -1,0 +1,306 @@
+"""LLMEngine: continuous-batching decoding on a paged KV cache, with fork and extend for tree rollouts.
+
+    engine = LLMEngine.from_pretrained("path/to/qwen2", dtype=torch.bfloat16, device="cuda")
+    outs = engine.generate([[1, 2, 3], [4, 5]], SamplingParams(temperature=0, max_tokens=32))
+
+The low-level API is what the ARPO rollout drives: `add` a prompt, `step` until a sequence stops (at a tool tag,
+say), `extend` it with the tool result's tokens (prefilled into the same cache), `fork` it into children that
+share its blocks (copy-on-write, no re-prefill), `release` it when done. Every sampled token comes with its
+log-prob and the exact full-vocabulary entropy of the distribution it was drawn from.
+
+The engine holds the model object it was given: a trainer that updates those parameters in place decodes the
+next step with the new weights — no copy, no sync.
+"""
+from __future__ import annotations
+
+import itertools
+import random
+
+import torch
+
+from arpo.engine.block_manager import BlockManager
+from arpo.engine.scheduler import CacheTooSmallError, Scheduler
+from arpo.engine.sequence import (
+    Completion,
+    SamplingParams,
+    Sequence,
+    SequenceStatus,
+    StepOutput,
+    mix_seed,
+)
+from arpo.engine.model_runner import ModelRunner
+
+
+class LLMEngine:
+    def __init__(self, model, *, block_size: int = 16, num_blocks: int | None = None,
+                 memory_fraction: float = 0.3, max_num_seqs: int = 256, max_num_batched_tokens: int = 4096,
+                 max_model_len: int | None = None, tokenizer=None, eos_token_id: int | None = None,
+                 enable_prefix_caching: bool = True, seed: int = 0):
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        cfg = model.config
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len or getattr(cfg, "max_position_embeddings", 32768)
+        self.eos_token_id = eos_token_id if eos_token_id is not None else _eos_of(cfg, tokenizer)
+        self.block_size = block_size
+        if num_blocks is None:
+            num_blocks = self._blocks_for_memory(memory_fraction)
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
+        self.runner = ModelRunner(model, num_blocks, block_size)
+        self.seqs: dict[int, Sequence] = {}
+        self._ids = itertools.count()
+        self._arrivals = itertools.count()
+        self._seed_rng = random.Random(seed)
+        # prefill/decode tokens: positions newly written to the cache; refed_tokens: positions fed again only for
+        # their logits (a forked child's last shared token), whose K/V was already cached.
+        self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "refed_tokens": 0, "steps": 0, "preemptions": 0,
+                      "block_copies": 0}
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype: torch.dtype | None = None, device=None, tokenizer=None, **kw):
+        """Load a local Hugging Face Qwen2 checkpoint directory and build an engine on it."""
+        from arpo.model import Qwen2Model
+
+        model = Qwen2Model.from_pretrained(path, dtype=dtype, device=device)
+        if tokenizer is None:
+            tokenizer = _try_tokenizer(path)
+        return cls(model, tokenizer=tokenizer, **kw)
+
+    def _blocks_for_memory(self, fraction: float) -> int:
+        cfg = self.model.config
+        per_block = (2 * cfg.num_hidden_layers * self.block_size * cfg.num_key_value_heads * cfg.head_dim
+                     * torch.empty((), dtype=self.model.dtype).element_size())
+        if self.model.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.model.device)
+            return max(1, int(free * fraction) // per_block)
+        # CPU: room for 64 sequences of max_model_len, capped at 1 GiB of cache.
+        tokens = min(64 * self.max_model_len, (1 << 30) // max(per_block // self.block_size, 1))
+        return max(1, -(-tokens // self.block_size))
+
+    # --- the low-level API -----------------------------------------------------------------------------------
+    def add(self, prompt_ids: list[int], params: SamplingParams | None = None) -> int:
+        """Queue a prompt; returns its sequence id. Nothing runs until `step`."""
+        params = params or SamplingParams()
+        prompt_ids = [int(t) for t in prompt_ids]
+        if not prompt_ids:
+            raise ValueError("a prompt needs at least one token")
+        vocab = self.model.config.vocab_size
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is out of range for vocabulary size {vocab}")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room under max_model_len="
+                             f"{self.max_model_len}")
+        seq_id = next(self._ids)
+        seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
+        self.seqs[seq_id] = Sequence(seq_id, prompt_ids, len(prompt_ids), params, int(seed) & ((1 << 63) - 1),
+                                     next(self._arrivals))
+        return seq_id
+
+    def step(self) -> list[StepOutput]:
+        """Run one scheduled forward over the active sequences; returns the tokens sampled in it."""
+        active = [s for s in self.seqs.values() if s.status != SequenceStatus.STOPPED]
+        if not active:
+            return []
+        chunks = self.scheduler.schedule(active)
+        self.stats["preemptions"] += len(self.scheduler.preempted)
+        if not chunks:
+            raise CacheTooSmallError(self.scheduler._too_small(active[0], active[0].num_tokens))
+        self.runner.copy_blocks(self.scheduler.copies)
+        self.stats["block_copies"] += len(self.scheduler.copies)
+        tables = [self.block_manager.block_table(c.seq.seq_id) for c in chunks]
+        sampled, tokens, logprobs, entropies = self.runner.run(chunks, tables)
+        self.stats["steps"] += 1
+        for c in chunks:
+            c.seq.num_computed = c.start + c.num_tokens
+            refed = sum(1 for s in c.slots if s < 0)
+            self.stats["refed_tokens"] += refed
+            kind = "decode_tokens" if c.num_tokens == 1 and c.samples else "prefill_tokens"
+            self.stats[kind] += c.num_tokens - refed
+        outputs = []
+        for chunk, tok, lp, ent in zip(sampled, tokens, logprobs, entropies):
+            seq = chunk.seq
+            seq.append_sampled(tok, lp, ent)
+            outputs.append(StepOutput(seq.seq_id, tok, lp, ent))
+            self._check_stop(seq, outputs[-1])
+        return outputs
+
+    def fork(self, seq_id: int, n: int = 1, at: int | None = None, seeds: list[int] | None = None) -> list[int]:
+        """`n` children of a sequence holding its first `at` tokens (default: all), sharing its cache blocks.
+
+        Children sample independently (seeds derived from the parent's unless given) and are queued to
+        continue from position `at`; the parent is untouched.
+        """
+        parent = self._get(seq_id)
+        at = parent.num_tokens if at is None else int(at)
+        if not parent.prompt_len <= at <= parent.num_tokens:
+            raise ValueError(f"fork at={at} is outside sequence {seq_id}'s output range "
+                             f"[{parent.prompt_len}, {parent.num_tokens}]")
+        if n < 1:
+            raise ValueError(f"fork needs n >= 1 children, got {n}")
+        if seeds is not None and len(seeds) != n:
+            raise ValueError(f"fork got {len(seeds)} seeds for {n} children")
+        cached = min(at, self.block_manager.num_tokens(seq_id)) if self.block_manager.has(seq_id) else 0
+        cached = min(cached, parent.num_computed)
+        children = []
+        for i in range(n):
+            child_id = next(self._ids)
+            if cached:
+                self.block_manager.fork(seq_id, child_id, at=cached)
+            out = at - parent.prompt_len
+            seed = seeds[i] if seeds is not None else mix_seed(parent.seed, child_id)
+            child = Sequence(child_id, parent.token_ids[:at], parent.prompt_len, parent.params, int(seed),
+                             next(self._arrivals),
+                             status=SequenceStatus.RUNNING if cached else SequenceStatus.WAITING,
+                             num_computed=min(cached, at - 1),
+                             num_sampled=sum(parent.out_sampled[:out]),
+                             out_logprobs=parent.out_logprobs[:out], out_entropies=parent.out_entropies[:out],
+                             out_sampled=parent.out_sampled[:out])
+            self.seqs[child_id] = child
+            children.append(child_id)
+        return children
+
+    def extend(self, seq_id: int, token_ids: list[int], max_tokens: int | None = None) -> None:
+        """Append given tokens (a tool result) to a stopped sequence; it resumes sampling after them.
+
+        `max_tokens` replaces the sequence's budget of sampled tokens (appended tokens never count)."""
+        seq = self._get(seq_id)
+        if seq.status != SequenceStatus.STOPPED:
+            raise ValueError(f"extend: sequence {seq_id} is {seq.status.value}; only a stopped sequence can be "
+                             "extended")
+        token_ids = [int(t) for t in token_ids]
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in token_ids):
+            raise ValueError(f"extend: a token id is out of range for vocabulary size {vocab}")
+        if seq.num_tokens + len(token_ids) >= self.max_model_len:
+            raise ValueError(f"extend: sequence {seq_id} would reach {seq.num_tokens + len(token_ids)} tokens, "
+                             f"max_model_len is {self.max_model_len}")
+        seq.append_given(token_ids)
+        if max_tokens is not None:
+            seq.params = _replace(seq.params, max_tokens=max_tokens)
+        seq.finish_reason = seq.stop_reason = None
+        seq.status = SequenceStatus.RUNNING if self.block_manager.has(seq_id) else SequenceStatus.WAITING
+
+    def resume(self, seq_id: int, max_tokens: int | None = None) -> None:
+        """Let a stopped sequence sample again (optionally with a new max_tokens budget), without new tokens."""
+        seq = self._get(seq_id)
+        if seq.status != SequenceStatus.STOPPED:
+            raise ValueError(f"resume: sequence {seq_id} is {seq.status.value}, not stopped")
+        if max_tokens is not None:
+            seq.params = _replace(seq.params, max_tokens=max_tokens)
+        seq.finish_reason = seq.stop_reason = None
+        seq.status = SequenceStatus.RUNNING if self.block_manager.has(seq_id) else SequenceStatus.WAITING
+
+    def release(self, seq_id: int) -> Sequence:
+        """Forget a sequence and free its cache blocks; returns its final state."""
+        seq = self.seqs.pop(seq_id, None)
+        if seq is None:
+            raise KeyError(f"release: unknown sequence id {seq_id}")
+        if self.block_manager.has(seq_id):
+            self.block_manager.free(seq_id)
+        return seq
+
+    def sequence(self, seq_id: int) -> Sequence:
+        return self._get(seq_id)
+
+    def has_unfinished(self) -> bool:
+        return any(s.status != SequenceStatus.STOPPED for s in self.seqs.values())
+
+    # --- the high-level API ----------------------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
+                 progress: bool = False) -> list[Completion]:
+        """Generate for every prompt to completion; results in prompt order."""
+        plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError(f"generate got {len(plist)} SamplingParams for {len(prompts)} prompts")
+        ids = [self.add(p, sp) for p, sp in zip(prompts, plist)]
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(ids), desc="generate", unit="seq")
+        pending = set(ids)
+        done: dict[int, Completion] = {}
+        try:
+            while pending:
+                for out in self.step():
+                    if out.finished and out.seq_id in pending:
+                        pending.discard(out.seq_id)
+                        done[out.seq_id] = self._finish(out.seq_id)  # frees its blocks for the others at once
+                        if bar:
+                            bar.update(1)
+        finally:
+            if bar:
+                bar.close()
+        return [done[sid] for sid in ids]
+
+    def _finish(self, seq_id: int) -> Completion:
+        seq = self.release(seq_id)
+        text = self.tokenizer.decode(seq.token_ids[seq.prompt_len:]) if self.tokenizer else None
+        return seq.completion(text)
+
+    # --- internals -------------------------------------------------------------------------------------------
+    def _get(self, seq_id: int) -> Sequence:
+        try:
+            return self.seqs[seq_id]
+        except KeyError:
+            raise KeyError(f"unknown sequence id {seq_id}") from None
+
+    def _check_stop(self, seq: Sequence, out: StepOutput) -> None:
+        p = seq.params
+        tok = out.token_id
+        reason = stop = None
+        if (not p.ignore_eos and tok == self.eos_token_id) or tok in p.stop_token_ids:
+            reason, stop = "stop", tok
+        elif p.stop and self.tokenizer is not None:
+            stop = _match_stop(self.tokenizer, seq, p.stop)
+            reason = "stop" if stop is not None else None
+        if reason is None and (seq.num_sampled >= p.max_tokens or seq.num_tokens >= self.max_model_len):
+            reason = "length"
+        if reason is not None:
+            seq.status = SequenceStatus.STOPPED
+            seq.finish_reason, seq.stop_reason = reason, stop
+            out.finished, out.finish_reason, out.stop_reason = True, reason, stop
+
+
+def _match_stop(tokenizer, seq: Sequence, stops: tuple[str, ...]) -> str | None:
+    """The stop string completed by the newest token, if any (decoding only a short tail of the output).
+
+    A match must end inside the newest token's text, so a stop string already present before (in a tool result
+    appended by `extend`, say) does not fire again, and one that ends mid-token still does.
+    """
+    longest = max(len(s) for s in stops)
+    tail_tokens = seq.token_ids[max(seq.prompt_len, seq.num_tokens - longest - 4):]
+    tail, before = tokenizer.decode(tail_tokens), tokenizer.decode(tail_tokens[:-1])
+    for s in stops:
+        if s in tail and tail.count(s) > before.count(s):
+            return s
+    return None
+
+
+def _eos_of(cfg, tokenizer) -> int | None:
+    if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
+        return int(tokenizer.eos_token_id)
+    eos = getattr(cfg, "eos_token_id", None)
+    if isinstance(eos, (list, tuple)):
+        eos = eos[0] if eos else None
+    return eos
+
+
+def _try_tokenizer(path: str):
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path)
+    except Exception:
+        return None
+
+
+def _replace(params: SamplingParams, **kw) -> SamplingParams:
+    from dataclasses import replace
+
+    return replace(params, **kw)

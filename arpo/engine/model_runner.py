@@ -1,0 +1,73 @@
+"""Turns one scheduled step into tensors, runs the model on the paged cache, and samples.
+
+One forward per step over every chunk (decodes and prefill chunks packed end to end); logits are computed only
+for the rows that sample; one device→host copy per step brings back the sampled tokens and their statistics —
+no per-token syncs.
+"""
+from __future__ import annotations
+
+import torch
+
+from arpo.engine.scheduler import ScheduledChunk
+from arpo.model.context import AttentionContext
+from arpo_kernels.kv_cache import copy_blocks
+from arpo_kernels.sampler import sample
+
+
+class ModelRunner:
+    def __init__(self, model, num_blocks: int, block_size: int, kv_dtype: torch.dtype | None = None):
+        self.model = model
+        self.device = model.device
+        self.block_size = block_size
+        self.kv_caches = model.allocate_kv_cache(num_blocks, block_size, dtype=kv_dtype, device=self.device)
+        self._flat_caches = [c for pair in self.kv_caches for c in pair]
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        if copies:
+            src = torch.tensor([a for a, _ in copies], dtype=torch.int64, device=self.device)
+            dst = torch.tensor([b for _, b in copies], dtype=torch.int64, device=self.device)
+            copy_blocks(self._flat_caches, src, dst)
+
+    def _context(self, chunks: list[ScheduledChunk], tables: list[list[int]]):
+        dev = self.device
+        is_decode = all(c.num_tokens == 1 for c in chunks)
+        max_blocks = max(len(t) for t in tables)
+        table = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.int32, device=dev)
+        ctx_lens = [c.start + c.num_tokens for c in chunks]
+        slots = torch.tensor([s for c in chunks for s in c.slots], dtype=torch.int64, device=dev)
+        cu = [0]
+        for c in chunks:
+            cu.append(cu[-1] + c.num_tokens)
+        return AttentionContext.paged(
+            self.kv_caches, slots, table, torch.tensor(ctx_lens, dtype=torch.int32, device=dev),
+            cu_seqlens_q=None if is_decode else torch.tensor(cu, dtype=torch.int32, device=dev),
+            is_decode=is_decode, max_seqlen_q=max(c.num_tokens for c in chunks), max_context_len=max(ctx_lens),
+        ), cu
+
+    @torch.inference_mode()
+    def run(self, chunks: list[ScheduledChunk], tables: list[list[int]]):
+        """Forward every chunk; returns (sampling chunks, tokens, logprobs, entropies) as host lists."""
+        dev = self.device
+        ids = torch.tensor([t for c in chunks for t in c.seq.token_ids[c.start:c.start + c.num_tokens]],
+                           dtype=torch.int64, device=dev)
+        pos = torch.tensor([p for c in chunks for p in range(c.start, c.start + c.num_tokens)],
+                           dtype=torch.int64, device=dev)
+        ctx, cu = self._context(chunks, tables)
+        hidden = self.model(ids, pos, ctx)
+        sampling = [i for i, c in enumerate(chunks) if c.samples]
+        if not sampling:
+            return [], [], [], []
+        rows = torch.tensor([cu[i + 1] - 1 for i in sampling], dtype=torch.int64, device=dev)
+        logits = self.model.compute_logits(hidden.index_select(0, rows))
+        params = [chunks[i].seq.params for i in sampling]
+        seqs = [chunks[i].seq for i in sampling]
+        temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev)
+        top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev)
+        top_k = torch.tensor([p.top_k for p in params], dtype=torch.int64, device=dev)
+        seeds = torch.tensor([s.seed for s in seqs], dtype=torch.int64, device=dev)
+        offsets = torch.tensor([s.num_tokens for s in seqs], dtype=torch.int64, device=dev)
+        has_filter = any(p.temperature > 0 and (p.top_p < 1 or p.top_k > 0) for p in params)
+        tokens, logprobs, entropies = sample(logits, temperature, top_p, top_k, seeds, offsets,
+                                             has_filter=has_filter)
+        host = torch.stack([tokens.double(), logprobs.double(), entropies.double()]).cpu()  # the step's one sync
+        return ([chunks[i] for i in sampling], host[0].long().tolist(), host[1].tolist(), host[2].tolist())

@@ -1,0 +1,107 @@
+"""Attention metadata for one forward pass, passed once instead of threaded through every layer.
+
+Three kinds, one per caller:
+
+* `varlen`  — the trainer's packed sequences: tokens of B sequences laid end to end, `cu_seqlens` [B+1] int32
+  their boundaries; each token attends causally within its own sequence.
+* `mask`    — tree-packed training: a bool `attn_mask` [T, T], True where query i may attend key j (j is an
+  ancestor-or-self of i). Positions are then tree depths, given by the caller as `position_ids`.
+* `paged`   — the engine: per-layer K/V caches `[num_blocks, block_size, num_kv_heads, head_dim]`, where each
+  new token's K/V goes (`slot_mapping` [T]), each sequence's blocks (`block_tables` [B, max_blocks] int32), its
+  length including the new tokens (`context_lens` [B] int32), and the new tokens' boundaries
+  (`cu_seqlens_q` [B+1] int32). `is_decode` means one new token per sequence (T == B). The optional host ints
+  `max_seqlen_q` / `max_context_len` let the kernels size their launch grids without a device sync.
+
+Build one with `AttentionContext.varlen(...)`, `.tree(...)` or `.paged(...)`. `ctx=None` in the model's forward
+means a single causal sequence. Derived tensors (the padded-layout index of the SDPA fallback) are computed at
+the first layer and reused by the others through `cache`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+KINDS = ("varlen", "mask", "paged")
+
+
+@dataclass
+class AttentionContext:
+    kind: str
+    cu_seqlens: torch.Tensor | None = None
+    max_seqlen: int | None = None
+    attn_mask: torch.Tensor | None = None
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    slot_mapping: torch.Tensor | None = None
+    block_tables: torch.Tensor | None = None
+    context_lens: torch.Tensor | None = None
+    cu_seqlens_q: torch.Tensor | None = None
+    is_decode: bool = False
+    max_seqlen_q: int | None = None  # host-side bounds the paged kernels use to size their grids sync-free
+    max_context_len: int | None = None
+    cache: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def varlen(cls, cu_seqlens: torch.Tensor, max_seqlen: int | None = None) -> "AttentionContext":
+        """`max_seqlen` (a host int) saves a device→host sync per forward when given."""
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+            raise ValueError(f"cu_seqlens must be 1-D with B+1 >= 2 entries, got shape {tuple(cu_seqlens.shape)}")
+        if cu_seqlens.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"cu_seqlens must be int32 (or int64), got {cu_seqlens.dtype}")
+        if max_seqlen is None:
+            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        return cls(kind="varlen", cu_seqlens=cu_seqlens, max_seqlen=int(max_seqlen))
+
+    @classmethod
+    def single(cls, num_tokens: int, device: torch.device | str) -> "AttentionContext":
+        cu = torch.tensor([0, num_tokens], dtype=torch.int32, device=device)
+        return cls(kind="varlen", cu_seqlens=cu, max_seqlen=num_tokens)
+
+    @classmethod
+    def tree(cls, attn_mask: torch.Tensor) -> "AttentionContext":
+        if attn_mask.dim() != 2 or attn_mask.shape[0] != attn_mask.shape[1] or attn_mask.dtype != torch.bool:
+            raise ValueError(
+                f"attn_mask must be a square bool [T, T] tensor, got {tuple(attn_mask.shape)} {attn_mask.dtype}"
+            )
+        return cls(kind="mask", attn_mask=attn_mask)
+
+    @classmethod
+    def paged(
+        cls,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        slot_mapping: torch.Tensor,
+        block_tables: torch.Tensor,
+        context_lens: torch.Tensor,
+        cu_seqlens_q: torch.Tensor | None = None,
+        is_decode: bool = False,
+        max_seqlen_q: int | None = None,
+        max_context_len: int | None = None,
+    ) -> "AttentionContext":
+        if not is_decode and cu_seqlens_q is None:
+            raise ValueError("a paged prefill context needs cu_seqlens_q")
+        return cls(
+            kind="paged",
+            kv_caches=kv_caches,
+            slot_mapping=slot_mapping,
+            block_tables=block_tables,
+            context_lens=context_lens,
+            cu_seqlens_q=cu_seqlens_q,
+            is_decode=is_decode,
+            max_seqlen_q=max_seqlen_q,
+            max_context_len=max_context_len,
+        )
+
+    def check(self, num_tokens: int, num_layers: int) -> None:
+        """Shape checks that need no device sync; raised before any layer runs."""
+        if self.kind not in KINDS:
+            raise ValueError(f"AttentionContext.kind={self.kind!r}: expected one of {', '.join(KINDS)}")
+        if self.kind == "mask" and self.attn_mask.shape[0] != num_tokens:
+            raise ValueError(f"attn_mask is {tuple(self.attn_mask.shape)} but there are {num_tokens} tokens")
+        if self.kind == "paged":
+            if len(self.kv_caches) != num_layers:
+                raise ValueError(f"kv_caches has {len(self.kv_caches)} layers, the model has {num_layers}")
+            if self.slot_mapping.shape != (num_tokens,):
+                raise ValueError(f"slot_mapping is {tuple(self.slot_mapping.shape)}, expected ({num_tokens},)")
+            if self.is_decode and self.context_lens.shape != (num_tokens,):
+                raise ValueError("a decode step has one token per sequence: context_lens must be [T]")

@@ -1,0 +1,190 @@
+"""LLMEngine vs Hugging Face generate, and the fork / extend / preemption / seeding contracts."""
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from arpo.engine import CacheTooSmallError, LLMEngine, SamplingParams  # noqa: E402
+from arpo.model import Qwen2Model  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+CONFIGS = {
+    "gqa2-tied": dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, theta=10000.0),
+    "gqa7-untied": dict(vocab_size=173, hidden_size=56, intermediate_size=80, num_hidden_layers=2,
+                        num_attention_heads=7, num_key_value_heads=1, tie_word_embeddings=False, theta=5e5),
+}
+
+
+def _hf_model(name: str, seed: int = 0):
+    kw = dict(CONFIGS[name])
+    theta = kw.pop("theta")
+    cfg = transformers.Qwen2Config(**kw, rope_parameters={"rope_type": "default", "rope_theta": theta},
+                                   rms_norm_eps=1e-6, eos_token_id=None, bos_token_id=None, pad_token_id=0)
+    torch.manual_seed(seed)
+    model = transformers.Qwen2ForCausalLM(cfg).float().eval()
+    with torch.no_grad():  # larger random weights than the default init: peaked, seed-sensitive distributions
+        for pname, p in model.named_parameters():
+            p.copy_(1.0 + 0.2 * torch.randn_like(p) if "norm" in pname else 0.2 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def models(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    hf = _hf_model(request.param)
+    hf.save_pretrained(path)
+    ours = Qwen2Model.from_pretrained(str(path), dtype=torch.float32, device=DEVICE)
+    return hf, ours
+
+
+def _prompts(vocab: int, lens, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, vocab, (n,), generator=g).tolist() for n in lens]
+
+
+def _hf_greedy(hf, prompt, n):
+    out = hf.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, min_new_tokens=n,
+                      attention_mask=torch.ones(1, len(prompt), dtype=torch.long), pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def _engine(model, **kw):
+    kw.setdefault("num_blocks", 64)
+    kw.setdefault("block_size", 4)
+    return LLMEngine(model, **kw)
+
+
+def test_greedy_ragged_batch_matches_hf_generate(models):
+    hf, ours = models
+    prompts = _prompts(hf.config.vocab_size, (5, 1, 12, 7, 4))
+    engine = _engine(ours, max_num_batched_tokens=9)  # forces chunked prefill mixed with decodes
+    outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=10))
+    for prompt, out in zip(prompts, outs):
+        assert out.token_ids == _hf_greedy(hf, prompt, 10)
+        assert out.finish_reason == "length" and len(out.logprobs) == len(out.entropies) == 10
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_logprobs_and_entropies_match_hf_scores(models):
+    hf, ours = models
+    prompt = _prompts(hf.config.vocab_size, (6,))[0]
+    out = _engine(ours).generate([prompt], SamplingParams(temperature=0, max_tokens=5))[0]
+    full = torch.tensor([prompt + out.token_ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(hf(full).logits[0].double(), -1)
+    for i, tok in enumerate(out.token_ids):
+        row = logp[len(prompt) - 1 + i]
+        assert abs(out.logprobs[i] - float(row[tok])) < 1e-4
+        assert abs(out.entropies[i] - float(-(row.exp() * row).sum())) < 1e-4
+
+
+def test_fork_shares_blocks_and_continues_like_a_fresh_sequence(models):
+    hf, ours = models
+    engine = _engine(ours)
+    prompt = _prompts(hf.config.vocab_size, (9,))[0]
+    sid = engine.add(prompt, SamplingParams(temperature=0, max_tokens=8))
+    while engine.has_unfinished():
+        engine.step()
+    parent = engine.sequence(sid)
+    at = len(prompt) + 5
+    parent_table = engine.block_manager.block_table(sid)
+    children = engine.fork(sid, 2, at=at)
+    for c in children:  # the full blocks before `at` are the parent's own
+        table = engine.block_manager.block_table(c)
+        full = at // engine.block_size
+        assert table[:full] == parent_table[:full]
+    while engine.has_unfinished():
+        engine.step()
+    fresh = engine.generate([parent.token_ids[:at]], SamplingParams(temperature=0, max_tokens=8))[0]
+    for c in children:
+        child = engine.sequence(c)
+        assert child.token_ids[:at] == parent.token_ids[:at]
+        assert child.token_ids[at:] == fresh.token_ids[:len(child.token_ids) - at]
+    assert engine.stats["block_copies"] >= 1  # the partial block at `at` was copied on write
+
+
+def test_extend_then_decode_equals_decoding_the_concatenation(models):
+    hf, ours = models
+    engine = _engine(ours)
+    prompt = _prompts(hf.config.vocab_size, (7,))[0]
+    tool = _prompts(hf.config.vocab_size, (6,), seed=5)[0]
+    sid = engine.add(prompt, SamplingParams(temperature=0, max_tokens=3))
+    while engine.has_unfinished():
+        engine.step()
+    engine.extend(sid, tool, max_tokens=3 + 6)
+    while engine.has_unfinished():
+        engine.step()
+    seq = engine.release(sid)
+    head = seq.token_ids[:len(prompt) + 3 + len(tool)]
+    assert seq.out_sampled == [True] * 3 + [False] * len(tool) + [True] * 6
+    assert seq.token_ids[len(head):] == _hf_greedy(hf, head, 6)
+
+
+def test_preemption_recomputes_without_changing_results(models):
+    hf, ours = models
+    prompts = _prompts(hf.config.vocab_size, (6, 9, 3, 8))
+    roomy = _engine(ours).generate(prompts, SamplingParams(temperature=0, max_tokens=12))
+    tight = _engine(ours, num_blocks=12)
+    outs = tight.generate(prompts, SamplingParams(temperature=0, max_tokens=12))
+    assert tight.stats["preemptions"] > 0
+    assert [o.token_ids for o in outs] == [o.token_ids for o in roomy]
+
+
+def test_seeded_sampling_is_batch_invariant(models):
+    _, ours = models
+    prompts = _prompts(ours.config.vocab_size, (4, 8, 5))
+    params = SamplingParams(temperature=1.0, max_tokens=6, seed=1234)
+    alone = _engine(ours).generate([prompts[1]], params)[0]
+    crowd = _engine(ours).generate(prompts, [SamplingParams(temperature=0.7, max_tokens=6, seed=7), params,
+                                             SamplingParams(max_tokens=6)])[1]
+    assert alone.token_ids == crowd.token_ids
+    other = _engine(ours).generate([prompts[1]], SamplingParams(temperature=1.0, max_tokens=6, seed=99))[0]
+    assert other.token_ids != alone.token_ids
+
+
+def test_resume_continues_a_stopped_sequence(models):
+    hf, ours = models
+    engine = _engine(ours)
+    prompt = _prompts(hf.config.vocab_size, (5,))[0]
+    sid = engine.add(prompt, SamplingParams(temperature=0, max_tokens=2))
+    while engine.has_unfinished():
+        engine.step()
+    with pytest.raises(ValueError, match="only a stopped sequence"):
+        engine.resume(sid, max_tokens=5)
+        engine.extend(sid, [1])
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.release(sid).token_ids[len(prompt):] == _hf_greedy(hf, prompt, 5)
+
+
+def test_stop_tokens_and_bad_input(models):
+    _, ours = models
+    engine = _engine(ours)
+    prompt = _prompts(ours.config.vocab_size, (5,))[0]
+    first = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=4))[0].token_ids
+    out = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=4, stop_token_ids=[first[1]]))[0]
+    assert out.token_ids == first[:2] and out.finish_reason == "stop" and out.stop_reason == first[1]
+    with pytest.raises(ValueError, match="out of range"):
+        engine.add([ours.config.vocab_size + 3])
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+    with pytest.raises(KeyError, match="unknown sequence"):
+        engine.fork(12345)
+
+
+def test_cache_too_small_is_a_clear_error(models):
+    _, ours = models
+    engine = _engine(ours, num_blocks=2, block_size=2)
+    with pytest.raises(CacheTooSmallError, match="cannot hold"):
+        engine.generate([list(range(1, 10))], SamplingParams(temperature=0, max_tokens=2))
+
+
+def test_greedy_on_the_triton_kernels(models, monkeypatch):
+    """The same engine run through the Triton kernels (compiled on CUDA, interpreted on the CPU)."""
+    monkeypatch.setenv("ARPO_KERNEL_BACKEND", "triton")
+    hf, ours = models
+    prompts = _prompts(hf.config.vocab_size, (5, 2))
+    outs = _engine(ours).generate(prompts, SamplingParams(temperature=0, max_tokens=3))
+    for prompt, out in zip(prompts, outs):
+        assert out.token_ids == _hf_greedy(hf, prompt, 3)

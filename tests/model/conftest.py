@@ -1,0 +1,12 @@
+"""Fixtures for the model tests (helpers live in qwen2_tiny.py)."""
+import pytest
+from qwen2_tiny import TINY_CONFIGS, make_hf_model
+
+
+@pytest.fixture(params=sorted(TINY_CONFIGS))
+def hf_checkpoint(request, tmp_path):
+    """(hf_model, checkpoint_dir) for each tiny config, saved with `save_pretrained` (safetensors)."""
+    model = make_hf_model(request.param)
+    path = tmp_path / request.param
+    model.save_pretrained(path)
+    return model, str(path)
