@@ -39,8 +39,8 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist", "pytest-benchmark", "hypothesis", "tokenizers", "bm25s", "sympy", "math-verify", "datasets"],
-        "tools": ["bm25s", "sympy", "math-verify", "datasets"],
+        "test": ["pytest", "pytest-xdist", "pytest-benchmark", "hypothesis", "tokenizers", "bm25s", "sympy", "math-verify", "datasets", "matplotlib", "tensorboard"],
+        "tools": ["bm25s", "sympy", "math-verify", "datasets", "matplotlib", "tensorboard"],
         "plot": ["matplotlib", "tensorboard"],
         "gpu": ["flash-attn", "xformers", "liger-kernel"],
     },

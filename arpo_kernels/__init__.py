@@ -11,6 +11,12 @@ from arpo_kernels.paged_attention import (
     paged_prefill_attention,
     paged_prefill_attention_reference,
 )
+from arpo_kernels.policy_loss import (
+    PolicyLossWeights,
+    segmented_policy_loss,
+    segmented_policy_loss_from_hidden,
+    segmented_policy_loss_reference,
+)
 from arpo_kernels.sampler import sample, sample_reference
 from arpo_kernels.token_stats import token_logprobs_entropy, token_logprobs_entropy_reference
 
@@ -23,7 +29,11 @@ __all__ = [
     "paged_decode_attention_reference",
     "paged_prefill_attention",
     "paged_prefill_attention_reference",
+    "PolicyLossWeights",
     "sample",
+    "segmented_policy_loss",
+    "segmented_policy_loss_from_hidden",
+    "segmented_policy_loss_reference",
     "sample_reference",
     "store_kv",
     "store_kv_reference",

@@ -185,8 +185,11 @@ def _sample_torch(logits, temperature, seeds, offsets):
     logp = z - lse[:, None]
     p = logp.exp()
     entropies = -torch.where(p > 0, p * logp, 0.0).sum(-1)
-    y = z + torch.where(greedy, 0.0, 1.0)[:, None] * gumbel_noise(seeds, offsets, z.shape[1])
-    tokens = y.argmax(-1)
+    tokens = z.argmax(-1)
+    rows = (~greedy).nonzero()[:, 0]  # the noise is the CPU path's main cost: draw it for sampling rows only
+    if rows.numel():
+        noisy = z.index_select(0, rows) + gumbel_noise(seeds[rows], offsets[rows], z.shape[1])
+        tokens = tokens.index_copy(0, rows, noisy.argmax(-1))
     return tokens, logp.gather(1, tokens[:, None])[:, 0], entropies, lse
 
 

@@ -41,6 +41,8 @@ def run(name: str, device: str | None = None, quick: bool = False):
                 extra = dict(case.extra())
                 extra.update(getattr(fn, "extra", {}))
                 results.append(measure(case.label, provider, fn, device, warmup, reps, **extra))
+                r = results[-1]
+                print(f"  measured {r.workload} / {r.provider}: {r.ms:.3f} ms", flush=True)
             except torch.OutOfMemoryError:
                 print(f"[{case.label}] {provider}: out of memory, skipped")
             fn = None

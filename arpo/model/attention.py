@@ -66,8 +66,10 @@ def varlen_attention(q, k, v, ctx: AttentionContext, scale: float) -> torch.Tens
 
 def masked_attention(q, k, v, attn_mask: torch.Tensor, scale: float) -> torch.Tensor:
     """q [T, Hq, D], k/v [T, Hkv, D], attn_mask [T, T] bool (True = may attend) → [T, Hq, D]."""
-    out = _sdpa(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), scale, attn_mask=attn_mask[None])
-    return out.transpose(0, 1)
+    # 4-D inputs: with 3-D ones the CPU SDPA falls back to its slow math path.
+    out = _sdpa(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], scale,
+                attn_mask=attn_mask[None, None])
+    return out[0].transpose(0, 1)
 
 
 def paged_attention(q, k, v, ctx: AttentionContext, layer_idx: int, scale: float) -> torch.Tensor:

@@ -98,9 +98,12 @@ def test_decode_split_kv(monkeypatch, device, num_splits):
 
 
 def test_split_heuristic():
-    cpu = torch.device("cpu")  # counts as one SM: the target is 4 programs
-    assert _num_splits(programs=8, max_ctx=4096, device=cpu) == 1  # enough programs already
-    assert _num_splits(programs=1, max_ctx=4096, device=cpu) == 4
+    import arpo_kernels.paged_attention as pa
+
+    cpu = torch.device("cpu")  # counts as one SM: the target is _PROGRAMS_PER_SM programs
+    target = pa._PROGRAMS_PER_SM
+    assert _num_splits(programs=2 * target, max_ctx=1 << 16, device=cpu) == 1  # enough programs already
+    assert _num_splits(programs=1, max_ctx=1 << 16, device=cpu) == target
     assert _num_splits(programs=1, max_ctx=200, device=cpu) == 1  # too short to split
 
 

