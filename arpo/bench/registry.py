@@ -27,11 +27,13 @@ def describe() -> dict[str, str]:
     return {name: importlib.import_module(mod).DOC for name, mod in WORKLOADS.items()}
 
 
-def run(name: str, device: str | None = None, quick: bool = False):
+def run(name: str, device: str | None = None, quick: bool = False, only: str | None = None):
     mod = _module(name)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     results = []
     for case in mod.cases(device, quick):
+        if only and only not in case.label:
+            continue
         for provider, make in mod.providers(device).items():
             try:
                 fn = make(case)
@@ -51,8 +53,9 @@ def run(name: str, device: str | None = None, quick: bool = False):
     return mod, device, results
 
 
-def run_cli(name: str, device: str | None = None, quick: bool = False, out: str | None = None) -> int:
-    mod, device, results = run(name, device, quick)
+def run_cli(name: str, device: str | None = None, quick: bool = False, out: str | None = None,
+            only: str | None = None) -> int:
+    mod, device, results = run(name, device, quick, only)
     print(f"# {name} on {machine_name(device)}  (torch {torch.__version__})")
     print(format_table(results, mod.BASELINE))
     if out:

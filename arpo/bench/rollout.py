@@ -3,7 +3,7 @@
 Policy: `arpo.rollout.toy_policy.tool_chain_policy("python")`, a Qwen2 of the embedded model's shape (hidden 128,
 4 layers; hidden 512, 8 layers on CUDA) whose weights encode a character chain that keeps writing
 `<python>12*3+4</python>` calls — an untrained model never closes a tag, so this scripted-but-real model is what
-makes tool calls, pauses, probes and branching happen. Tools: the real Python sandbox (result cache off).
+makes tool calls, pauses, probes and branching happen. Tools: the real Python sandbox (result cache off, output cut to 400 characters).
 Prompts: embedded arithmetic questions. What is measured, per rollout of all prompts (M leaves each):
 
 - `tree-fork`: ARPO on our engine — prompt prefilled once, branches forked (shared blocks, zero re-prefill).
@@ -43,7 +43,7 @@ class Case:
 
 def cases(device: str, quick: bool) -> list[Case]:
     if quick:
-        return [Case(2, 8, 4, 192, device)]
+        return [Case(2, 8, 4, 384, device)]
     return [Case(4, 16, 8, 512, device), Case(8, 16, 8, 512, device)]
 
 
@@ -56,7 +56,7 @@ def _policy(device: str):
 
         kw = dict(hidden_size=512, layers=8, heads=8, kv_heads=2, intermediate_size=1536) if device.startswith(
             "cuda") else {}
-        _POLICY[device] = tool_chain_policy("python", seed=0, device=device, **kw)
+        _POLICY[device] = tool_chain_policy("python", seed=0, device=device, chain_kw={"eps": 1e-4, "p_eos": 0.05}, noise=5e-4, **kw)
     return _POLICY[device]
 
 
@@ -71,7 +71,8 @@ def make_rollout(case: Case, mode: str, prefix_mode: str, sync_tools: bool):
     model, tok = _policy(case.device)
     engine = LLMEngine(model, tokenizer=tok, block_size=16, num_blocks=8192, max_model_len=2048,
                        max_num_batched_tokens=8192, enable_prefix_caching=prefix_mode == "fork")
-    tools = ToolExecutor({"python": PythonSandbox()}, max_workers=8, timeout_s=10, cache_size=0)
+    tools = ToolExecutor({"python": PythonSandbox()}, max_workers=8, timeout_s=10, cache_size=0,
+                         max_result_chars=400)
     cfg = RolloutConfig(mode=mode, leaves=case.leaves, initial=case.initial, prefix_mode=prefix_mode,
                         sync_tools=sync_tools, max_response_tokens=case.max_response_tokens)
     rollout = TreeRollout(engine, tools, cfg, embedded_reward)

@@ -35,7 +35,7 @@ class LLMEngine:
     def __init__(self, model, *, block_size: int = 16, num_blocks: int | None = None,
                  memory_fraction: float = 0.3, max_num_seqs: int = 256, max_num_batched_tokens: int = 4096,
                  max_model_len: int | None = None, tokenizer=None, eos_token_id: int | None = None,
-                 enable_prefix_caching: bool = True, seed: int = 0):
+                 enable_prefix_caching: bool = True, seed: int = 0, decode_graphs: str | None = None):
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         cfg = model.config
@@ -50,7 +50,10 @@ class LLMEngine:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
-        self.runner = ModelRunner(model, num_blocks, block_size)
+        if decode_graphs is None:  # CUDA graphs for decode steps wherever they can run
+            decode_graphs = "cuda" if model.device.type == "cuda" else "off"
+        self.runner = ModelRunner(model, num_blocks, block_size, decode_graphs=decode_graphs,
+                                  max_batch=min(max_num_seqs, 256), max_model_len=self.max_model_len)
         self.seqs: dict[int, Sequence] = {}
         self._ids = itertools.count()
         self._arrivals = itertools.count()

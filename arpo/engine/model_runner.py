@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from arpo.engine.cuda_graph import DecodeGraphs
 from arpo.engine.scheduler import ScheduledChunk
 from arpo.model.context import AttentionContext
 from arpo_kernels.kv_cache import copy_blocks
@@ -15,12 +16,21 @@ from arpo_kernels.sampler import sample
 
 
 class ModelRunner:
-    def __init__(self, model, num_blocks: int, block_size: int, kv_dtype: torch.dtype | None = None):
+    def __init__(self, model, num_blocks: int, block_size: int, kv_dtype: torch.dtype | None = None,
+                 decode_graphs: str = "off", max_batch: int = 256, max_model_len: int = 4096):
+        """decode_graphs: "cuda" (capture and replay CUDA graphs), "eager" (same padded path, no capture: tests)
+        or "off"."""
         self.model = model
         self.device = model.device
         self.block_size = block_size
         self.kv_caches = model.allocate_kv_cache(num_blocks, block_size, dtype=kv_dtype, device=self.device)
         self._flat_caches = [c for pair in self.kv_caches for c in pair]
+        if decode_graphs not in ("cuda", "eager", "off"):
+            raise ValueError(f"decode_graphs={decode_graphs!r}: expected 'cuda', 'eager' or 'off'")
+        self.graphs = None
+        if decode_graphs != "off":
+            self.graphs = DecodeGraphs(model, self.kv_caches, max_batch, -(-max_model_len // block_size),
+                                       block_size, capture=decode_graphs == "cuda")
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if copies:
@@ -52,8 +62,14 @@ class ModelRunner:
                            dtype=torch.int64, device=dev)
         pos = torch.tensor([p for c in chunks for p in range(c.start, c.start + c.num_tokens)],
                            dtype=torch.int64, device=dev)
-        ctx, cu = self._context(chunks, tables)
-        hidden = self.model(ids, pos, ctx)
+        if self.graphs is not None and all(c.num_tokens == 1 for c in chunks) \
+                and self.graphs.fits(len(chunks), max(len(t) for t in tables)):
+            hidden = self.graphs.run([c.seq.token_ids[c.start] for c in chunks], [c.start for c in chunks],
+                                     [c.slots[0] for c in chunks], tables, [c.start + 1 for c in chunks])
+            cu = list(range(len(chunks) + 1))
+        else:
+            ctx, cu = self._context(chunks, tables)
+            hidden = self.model(ids, pos, ctx)
         sampling = [i for i, c in enumerate(chunks) if c.samples]
         if not sampling:
             return [], [], [], []
