@@ -1,12 +1,13 @@
-"""Per-token log-prob + entropy providers side by side (see arpo/bench/token_stats.py for the workloads)."""
+"""Per-token log-prob + entropy providers side by side (see arpo/bench/token_stats.py for the workloads).
+
+    pytest benchmarks/bench_token_stats.py --benchmark-only [--benchmark-json=benchmarks/results/token_stats.json]
+"""
 import pytest
 
 from arpo.bench import token_stats as workload
-from arpo.bench.harness import peak_extra_mb
-from arpo.bench.harness import bench_settings
+from arpo.bench.harness import bench_settings, pytest_benchmark_case
 
 DEVICE, QUICK = bench_settings()
-
 CASES = workload.cases(DEVICE, QUICK)
 PROVIDERS = workload.providers(DEVICE)
 
@@ -14,10 +15,4 @@ PROVIDERS = workload.providers(DEVICE)
 @pytest.mark.parametrize("provider", list(PROVIDERS))
 @pytest.mark.parametrize("case", CASES, ids=[c.label for c in CASES])
 def test_token_stats(benchmark, case, provider):
-    fn = PROVIDERS[provider](case)
-    if fn is None:
-        pytest.skip(f"{provider} does not apply to {case.label}")
-    benchmark.group = case.label
-    benchmark.extra_info.update(case.extra())
-    benchmark.extra_info["peak_extra_mb"] = peak_extra_mb(fn, DEVICE)
-    benchmark.pedantic(fn, rounds=3, warmup_rounds=1)
+    pytest_benchmark_case(benchmark, PROVIDERS, case, provider, DEVICE, rounds=3)

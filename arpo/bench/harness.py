@@ -153,3 +153,19 @@ def format_table(results: list[Result], baseline: str) -> str:
             gbps = f"{r.extra['bytes_read'] / r.ms / 1e6:.0f}" if "bytes_read" in r.extra and r.ms > 0 else ""
             lines.append(f"{workload:44s} {r.provider:22s} {r.ms:10.3f} {speed:>16s} {peak:>10s} {mem:>10s} {gbps:>8s}")
     return "\n".join(lines)
+
+
+def pytest_benchmark_case(benchmark, providers: dict, case, provider: str, device: str, rounds: int = 3) -> None:
+    """Body shared by the pytest-benchmark suites: one provider on one workload, grouped by workload label."""
+    import pytest
+
+    fn = providers[provider](case)
+    if fn is None:
+        pytest.skip(f"{provider} does not apply to {case.label}")
+    benchmark.group = case.label
+    benchmark.extra_info.update(case.extra())
+    benchmark.extra_info.update(getattr(fn, "extra", {}))
+    benchmark.extra_info["peak_extra_mb"] = peak_extra_mb(fn, device)
+    benchmark.pedantic(fn, rounds=rounds, warmup_rounds=1)
+    if "bytes_read" in case.extra():
+        benchmark.extra_info["GB/s"] = case.extra()["bytes_read"] / benchmark.stats.stats.median / 1e9
