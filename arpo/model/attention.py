@@ -72,6 +72,17 @@ def masked_attention(q, k, v, attn_mask: torch.Tensor, scale: float) -> torch.Te
     return out[0].transpose(0, 1)
 
 
+def block_attention(q, k, v, ctx: AttentionContext, scale: float) -> torch.Tensor:
+    """Tree attention node by node: gather each node's query rows and its path's K/V rows, SDPA, scatter back."""
+    q_rows, kv_rows = ctx.q_rows, ctx.kv_rows
+    qi, ki = q_rows.clamp(min=0), kv_rows.clamp(min=0)
+    out = _sdpa(q[qi].transpose(1, 2), k[ki].transpose(1, 2), v[ki].transpose(1, 2), scale,
+                attn_mask=ctx.allowed[:, None])  # [N, Hq, S, D]
+    valid = q_rows >= 0
+    result = q.new_empty(q.shape)
+    return result.index_put((q_rows[valid],), out.transpose(1, 2)[valid])
+
+
 def paged_attention(q, k, v, ctx: AttentionContext, layer_idx: int, scale: float) -> torch.Tensor:
     """Write this step's K/V into the layer's cache, then attend over each sequence's whole cached context."""
     from arpo_kernels.kv_cache import store_kv
@@ -106,6 +117,8 @@ class Attention(nn.Module):
         v = v.view(T, self.num_kv_heads, self.head_dim)
         if ctx.kind == "varlen":
             o = varlen_attention(q, k, v, ctx, self.scale)
+        elif ctx.kind == "blocks":
+            o = block_attention(q, k, v, ctx, self.scale)
         elif ctx.kind == "mask":
             o = masked_attention(q, k, v, ctx.attn_mask, self.scale)
         else:

@@ -6,6 +6,9 @@ Three kinds, one per caller:
   their boundaries; each token attends causally within its own sequence.
 * `mask`    — tree-packed training: a bool `attn_mask` [T, T], True where query i may attend key j (j is an
   ancestor-or-self of i). Positions are then tree depths, given by the caller as `position_ids`.
+* `blocks`  — the same tree attention, block-sparse: one block per tree node, its rows `q_rows` [N, S] attending
+  to its path's rows `kv_rows` [N, P] under `allowed` [N, S, P] (rows padded with -1; see
+  `arpo.algo.PackedBatch.node_blocks`). Costs sum(node length x path length) instead of T².
 * `paged`   — the engine: per-layer K/V caches `[num_blocks, block_size, num_kv_heads, head_dim]`, where each
   new token's K/V goes (`slot_mapping` [T]), each sequence's blocks (`block_tables` [B, max_blocks] int32), its
   length including the new tokens (`context_lens` [B] int32), and the new tokens' boundaries
@@ -23,7 +26,7 @@ from typing import Any
 
 import torch
 
-KINDS = ("varlen", "mask", "paged")
+KINDS = ("varlen", "mask", "blocks", "paged")
 
 
 @dataclass
@@ -32,6 +35,9 @@ class AttentionContext:
     cu_seqlens: torch.Tensor | None = None
     max_seqlen: int | None = None
     attn_mask: torch.Tensor | None = None
+    q_rows: torch.Tensor | None = None
+    kv_rows: torch.Tensor | None = None
+    allowed: torch.Tensor | None = None
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     slot_mapping: torch.Tensor | None = None
     block_tables: torch.Tensor | None = None
@@ -65,6 +71,17 @@ class AttentionContext:
                 f"attn_mask must be a square bool [T, T] tensor, got {tuple(attn_mask.shape)} {attn_mask.dtype}"
             )
         return cls(kind="mask", attn_mask=attn_mask)
+
+    @classmethod
+    def tree_blocks(cls, q_rows: torch.Tensor, kv_rows: torch.Tensor, allowed: torch.Tensor) -> "AttentionContext":
+        """Block-sparse tree attention (see the module docstring); padded query rows attend to one dummy key."""
+        if q_rows.dim() != 2 or kv_rows.dim() != 2 or allowed.shape != (q_rows.shape[0], q_rows.shape[1],
+                                                                         kv_rows.shape[1]):
+            raise ValueError(f"tree blocks need q_rows [N, S], kv_rows [N, P], allowed [N, S, P]; got "
+                             f"{tuple(q_rows.shape)}, {tuple(kv_rows.shape)}, {tuple(allowed.shape)}")
+        allowed = allowed.clone()
+        allowed[..., 0] |= q_rows < 0  # keeps padded rows finite (their outputs are dropped)
+        return cls(kind="blocks", q_rows=q_rows, kv_rows=kv_rows, allowed=allowed)
 
     @classmethod
     def paged(
