@@ -14,6 +14,7 @@ WORKLOADS = {
     "decode": "arpo.bench.decode",
     "paged-attention": "arpo.bench.paged_attention",
     "policy-loss": "arpo.bench.policy_loss",
+    "rollout": "arpo.bench.rollout",
 }
 
 

@@ -1,0 +1,43 @@
+"""Fake tools and engine/executor builders shared by the rollout tests."""
+import time
+
+from arpo.engine import LLMEngine
+from arpo.tools import BaseTool, ToolExecutor, ToolResult
+
+
+class EchoTool(BaseTool):
+    """Fast and deterministic: returns the length and the reversed content."""
+    name, tag = "echo", "q"
+
+    def run(self, text: str) -> ToolResult:
+        return ToolResult(f"{len(text)} {text[::-1][:12]}", ok=True)
+
+
+class FailingTool(BaseTool):
+    name, tag, cacheable = "failing", "q", False
+
+    def run(self, text: str) -> ToolResult:
+        raise RuntimeError("boom")
+
+
+class HangingTool(BaseTool):
+    name, tag, cacheable = "hanging", "q", False
+
+    def run(self, text: str) -> ToolResult:
+        time.sleep(4)
+        return ToolResult("late", ok=True)
+
+
+def make_engine(policy, **kw):
+    model, tok = policy
+    kw.setdefault("num_blocks", 1024)
+    kw.setdefault("block_size", 8)
+    kw.setdefault("max_model_len", 1024)
+    return LLMEngine(model, tokenizer=tok, **kw)
+
+
+def make_tools(tool=None, **kw):
+    return ToolExecutor({"q": tool or EchoTool()}, max_workers=4, **kw)
+
+
+PROMPTS = ["Q: 12*34+5=?", "Q: 7*8+9=?"]
