@@ -86,10 +86,10 @@ def _packed_train(case: Case):
 
     model, batch = _model(case), pack_trees(case.make_trees()).to(case.device)
     weights = batch.loss_weights("soft", "token-mean")
-    mask = batch.attention_mask()
+    ctx = AttentionContext.tree_blocks(*batch.node_blocks())  # block-sparse: cost follows the tree, not T^2
 
     def run():
-        hidden = model(batch.input_ids, batch.position_ids, AttentionContext.tree(mask))
+        hidden = model(batch.input_ids, batch.position_ids, ctx)
         loss, _ = segmented_policy_loss_from_hidden(hidden, model.lm_head_weight, batch.targets,
                                                     batch.old_logprobs, weights, index=batch.pred_index)
         loss.backward()
