@@ -329,14 +329,16 @@ def paged_decode_attention_reference(q, k_cache, v_cache, block_tables, context_
 
 
 def _decode_torch(q, k_cache, v_cache, block_tables, context_lens, scale):
-    """The CPU path: gather in the cache dtype and let SDPA (fp32 accumulation) do the masked attention."""
+    """The CPU path: gather whole blocks (one index per block, not per token) and let SDPA do the masked
+    attention. Table entries past a sequence's length may be garbage: they are clamped and masked out."""
     _check(q, k_cache, v_cache, block_tables, context_lens)
-    block_size, hkv, d = k_cache.shape[1:]
-    pos = torch.arange(block_tables.shape[1] * block_size, device=q.device)
-    valid = pos[None, :] < context_lens[:, None].long()
-    slots = torch.where(valid, block_tables.long()[:, pos // block_size], 0) * block_size + pos % block_size
-    k = k_cache.view(-1, hkv, d)[slots].transpose(1, 2)  # [B, Hkv, L, D]
-    v = v_cache.view(-1, hkv, d)[slots].transpose(1, 2)
+    bsz = q.shape[0]
+    num_blocks, block_size, hkv, d = k_cache.shape
+    width = block_tables.shape[1]
+    idx = block_tables.long().clamp(0, num_blocks - 1).reshape(-1)
+    k = k_cache.index_select(0, idx).view(bsz, width * block_size, hkv, d).transpose(1, 2)  # [B, Hkv, L, D]
+    v = v_cache.index_select(0, idx).view(bsz, width * block_size, hkv, d).transpose(1, 2)
+    valid = torch.arange(width * block_size, device=q.device)[None, :] < context_lens[:, None].long()
     out = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=valid[:, None, None, :], scale=scale,
                                          enable_gqa=True)
     return out[:, :, 0]
