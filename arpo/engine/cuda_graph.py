@@ -71,12 +71,10 @@ class DecodeGraphs:
         bs = next(b for b in self.buckets if b >= n)
         dev = self.ids.device
         width = max(len(t) for t in tables)
-        host = torch.zeros(bs, width, dtype=torch.int32)
-        for i, t in enumerate(tables):
-            host[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
-        self.tables[:bs].zero_()
-        self.tables[:bs, :width].copy_(host.to(dev, non_blocking=True))
         pad = bs - n
+        flat = [b for t in tables for b in t + [0] * (width - len(t))] + [0] * (pad * width)
+        self.tables[:bs].zero_()
+        self.tables[:bs, :width].copy_(torch.tensor(flat, dtype=torch.int32).view(bs, width), non_blocking=True)
         self.ids[:bs].copy_(torch.tensor(ids + [0] * pad, dtype=torch.int64), non_blocking=True)
         self.pos[:bs].copy_(torch.tensor(pos + [0] * pad, dtype=torch.int64), non_blocking=True)
         self.slots[:bs].copy_(torch.tensor(slots + [-1] * pad, dtype=torch.int64), non_blocking=True)

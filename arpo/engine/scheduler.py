@@ -18,7 +18,7 @@ class CacheTooSmallError(RuntimeError):
     """The KV cache cannot hold one sequence even with every other sequence preempted."""
 
 
-@dataclass
+@dataclass(eq=False)
 class ScheduledChunk:
     seq: Sequence
     start: int                 # first position fed

@@ -85,7 +85,7 @@ def mix_seed(seed: int, salt: int) -> int:
     return (z ^ (z >> 31)) & ((1 << 63) - 1)
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the scheduler tests membership in lists of sequences every step
 class Sequence:
     seq_id: int
     token_ids: list[int]
