@@ -1,15 +1,26 @@
 """The `arpo` command.
 
-    arpo --help
+    arpo train                                   # the embedded default: tiny model, SFT cold start, ARPO, on CPU
+    arpo train algo=grpo                         # the GRPO baseline on the same task (run dir runs/embedded-grpo)
+    arpo train my.yaml model.path=/models/qwen3b rollout.leaves=8
+    arpo train --print-config                    # every field with its help text, as loadable YAML
+    arpo train --resume                          # continue from the newest checkpoint in train.run_dir
+    arpo sft [config.yaml] [key=value ...]       # cold-start SFT only; writes RUN_DIR/sft_model
+    arpo eval CHECKPOINT [config.yaml] [key=value ...] [--samples K --temperature T]
+    arpo plot RUN_DIR [RUN_DIR ...]              # PNG curves (several runs overlaid)
+    arpo rollout ...                             # one rollout, printed as trees
     arpo bench token-stats [--device cuda] [--quick]
-    arpo bench --list
 
 Each subcommand lives in its own small function; heavy imports happen inside them so `arpo --help` is instant.
+A bad config or data file prints one line naming the problem and exits with status 2.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+EMBEDDED_RUN_DIR = "runs/embedded"
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -19,7 +30,213 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         for name, doc in registry.describe().items():
             print(f"{name:20s} {doc}")
         return 0
-    return registry.run_cli(args.workload, device=args.device, quick=args.quick, out=args.out, only=args.only)
+    return registry.run_cli(args.workload, device=args.device, quick=args.quick, out=args.out)
+
+
+# ---------------------------------------------------------------------------------------------------- config
+def split_config_args(items: list[str]) -> tuple[str | None, list[str]]:
+    """`[config.yaml] [section.key=value ...]` → (path or None, overrides)."""
+    path, overrides = None, []
+    for i, item in enumerate(items):
+        if i == 0 and "=" not in item:
+            path = item
+        else:
+            overrides.append(item)
+    return path, overrides
+
+
+def load_cli_config(items: list[str], extra: list[str] = ()):
+    from arpo.config import ConfigError, load_config
+
+    path, overrides = split_config_args(items)
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"{bad[0]!r}: expected section.key=value (only the first argument may be a config file)")
+    overrides = list(overrides) + list(extra)
+    cfg = load_config(path, overrides)
+    if cfg.algo.name == "grpo" and cfg.train.run_dir == EMBEDDED_RUN_DIR and \
+            not any(o.startswith("train.run_dir=") for o in overrides):
+        cfg.train.run_dir = EMBEDDED_RUN_DIR + "-grpo"  # keep the baseline next to, not over, the ARPO run
+    return cfg
+
+
+def _fail(exc: Exception) -> int:
+    print(f"arpo: error: {exc}", file=sys.stderr)
+    return 2
+
+
+def _user_errors():
+    from arpo.config import ConfigError
+    from arpo.trainer.data import DataError
+
+    return (ConfigError, DataError, FileNotFoundError)
+
+
+# ---------------------------------------------------------------------------------------------------- train
+def _cmd_train(args: argparse.Namespace) -> int:
+    from arpo.config import config_to_yaml
+
+    items = list(args.args)
+    resume = args.resume
+    if resume is not None and "=" in resume:  # `--resume key=value`: a bare --resume followed by an override
+        items.append(resume)
+        resume = "latest"
+    try:
+        cfg = load_cli_config(items)
+        if args.print_config:
+            print(config_to_yaml(cfg))
+            return 0
+        if resume is not None:
+            cfg.train.resume = resume
+        from arpo.trainer.checkpoint import latest_checkpoint
+        from arpo.trainer.trainer import Trainer
+
+        if cfg.train.resume is None and latest_checkpoint(cfg.train.run_dir):
+            print(f"note: {cfg.train.run_dir} holds checkpoints of an earlier run; starting fresh "
+                  "(use --resume to continue it)", file=sys.stderr)
+        trainer = Trainer(cfg)
+    except _user_errors() as exc:
+        return _fail(exc)
+    try:
+        summary = trainer.train()
+    finally:
+        trainer.close()
+    _print_outputs(cfg.train.run_dir, summary)
+    return 0
+
+
+def _print_outputs(run_dir: str, summary: dict) -> None:
+    plots = []
+    try:
+        from arpo.trainer.plot import plot_run
+
+        plots = plot_run([run_dir])
+    except ImportError as exc:
+        print(f"(no plots: {exc})")
+    print(f"run directory: {run_dir}  ({summary.get('wall_s', 0):.0f} s of RL)")
+    if summary.get("checkpoint"):
+        print(f"checkpoint:    {summary['checkpoint']}  (Hugging Face format + tokenizer)")
+    if plots:
+        print(f"plots:         {os.path.dirname(plots[0])}/  (overview.png and {len(plots) - 1} more)")
+    print(f"metrics:       {os.path.join(run_dir, 'metrics.jsonl')}")
+
+
+# ---------------------------------------------------------------------------------------------------- sft
+def _cmd_sft(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_cli_config(list(args.args))
+        if cfg.sft.steps <= 0:
+            from arpo.config import ConfigError
+
+            raise ConfigError("sft.steps must be > 0 for `arpo sft`")
+        from arpo.config import check_paths
+        from arpo.trainer.components import set_threads
+        from arpo.trainer.embedded import base_model_path, load_policy
+        from arpo.trainer.metrics import MetricsLogger
+        from arpo.trainer.sft import run_sft
+        from arpo.trainer.trainer import SFT_MODEL_DIR, seed_everything
+
+        check_paths(cfg)
+        set_threads(cfg.train.threads)
+        seed_everything(cfg.train.seed)
+        model, tok = load_policy(base_model_path(cfg), cfg.model)
+        out = args.out or os.path.join(cfg.train.run_dir, SFT_MODEL_DIR)
+        with MetricsLogger(os.path.join(cfg.train.run_dir, "sft")) as logger:
+            last = run_sft(model, tok, cfg, logger, progress=cfg.log.progress_bar)
+    except _user_errors() as exc:
+        return _fail(exc)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    print(f"SFT: {cfg.sft.steps} steps, final loss {last['loss']:.4f}, {last['wall_s']:.0f} s; model: {out}")
+    print(f"evaluate it with: arpo eval {out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------- eval
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    try:
+        cfg = _eval_config(args)
+        from arpo.config import check_paths
+        from arpo.trainer.components import build_engine, build_reward, build_tools, set_threads
+        from arpo.trainer.data import DataError, eval_rows, prompt_inputs
+        from arpo.trainer.embedded import load_policy
+        from arpo.trainer.evaluate import evaluate
+
+        check_paths(cfg)
+        set_threads(cfg.train.threads)
+        model, tok = load_policy(args.checkpoint, cfg.model)
+        prompts = prompt_inputs(eval_rows(cfg), tok, cfg.data)
+        if not prompts:
+            raise DataError("no held-out prompts: set data.eval_files")
+    except _user_errors() as exc:
+        return _fail(exc)
+    k = args.samples or cfg.train.eval_samples
+    temperature = cfg.train.eval_temperature if args.temperature is None else args.temperature
+    tools = build_tools(cfg)
+    try:
+        engine = build_engine(model, tok, cfg, min(len(prompts), 64) * k + 64)
+        m = evaluate(engine, tools, build_reward(cfg), prompts, cfg, samples=k, temperature=temperature)
+    finally:
+        tools.close()
+    if args.json:
+        print(json.dumps(m))
+    else:
+        kk = m["samples"]
+        print(f"{args.checkpoint}: {m['questions']} questions, {kk} sample(s) each, temperature {temperature:g}")
+        print(f"  accuracy {100 * m['accuracy']:.1f}%   pass@{kk} {100 * m[f'pass@{kk}']:.1f}%   "
+              f"format ok {100 * m['format_ok']:.1f}%   tool calls/question {m['tool_calls']:.2f}   "
+              f"mean reward {m['reward']:.3f}   ({m['time_s']:.0f} s)")
+    return 0
+
+
+def _eval_config(args):
+    """The config given, else the one the checkpoint was trained with, else the embedded default."""
+    from arpo.config import ConfigError, apply_overrides, config_from_dict, validate
+    from arpo.trainer.checkpoint import STATE_FILE
+
+    if not os.path.isdir(args.checkpoint):
+        raise ConfigError(f"{args.checkpoint}: no such checkpoint directory")
+    path, overrides = split_config_args(list(args.args))
+    state = os.path.join(args.checkpoint, STATE_FILE)
+    if path is None and os.path.isfile(state):
+        import json
+
+        with open(state, encoding="utf-8") as f:
+            saved = json.load(f).get("config")
+        if saved:
+            cfg = config_from_dict(saved)
+            cfg.train.resume = None
+            cfg = validate(apply_overrides(cfg, overrides))
+            cfg.model.path = args.checkpoint
+            return cfg
+    cfg = load_cli_config([path] + overrides if path else overrides)
+    cfg.model.path = args.checkpoint
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------------- plot
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from arpo.trainer.metrics import METRICS_FILE
+
+    for d in args.run_dirs:
+        if not os.path.isfile(os.path.join(d, METRICS_FILE)):
+            print(f"arpo: error: {d}: no {METRICS_FILE} (not a run directory?)", file=sys.stderr)
+            return 2
+    from arpo.trainer.plot import plot_run
+
+    files = plot_run(args.run_dirs, out_dir=args.out)
+    for f in files:
+        print(f)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------- parser
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [section.key=value ...]",
+                   help="optional YAML config (default: the embedded task), then overrides such as "
+                        "rollout.leaves=8 or algo=grpo")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,13 +248,49 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"arpo {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
+    train = sub.add_parser("train", help="RL training (ARPO or GRPO); no arguments = the embedded CPU demo",
+                           description="Train a policy with ARPO (or GRPO: algo=grpo). Without a config file: the "
+                                       "embedded task (tiny model created in runs/embedded, SFT cold start, ARPO).")
+    _config_args(train)
+    train.add_argument("--print-config", action="store_true", help="print the full config (YAML with help) and exit")
+    train.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                       help="continue the run: from the newest checkpoint in train.run_dir, or from CHECKPOINT")
+    train.set_defaults(func=_cmd_train)
+
+    sft = sub.add_parser("sft", help="cold-start SFT on tool-use traces (loss on the model's own tokens only)")
+    _config_args(sft)
+    sft.add_argument("--out", default=None, help="output directory (default: RUN_DIR/sft_model)")
+    sft.set_defaults(func=_cmd_sft)
+
+    ev = sub.add_parser("eval", help="held-out accuracy, tool calls per question and pass@k of a checkpoint")
+    ev.add_argument("checkpoint", help="a checkpoint directory (Hugging Face format + tokenizer)")
+    _config_args(ev)
+    ev.add_argument("--samples", type=int, default=None, help="samples per question, k of pass@k "
+                                                              "(default train.eval_samples; 1 when greedy)")
+    ev.add_argument("--temperature", type=float, default=None, help="0 = greedy (default train.eval_temperature)")
+    ev.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    ev.set_defaults(func=_cmd_eval)
+
+    plot = sub.add_parser("plot", help="write PNG training curves of one or more run directories")
+    plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    plot.add_argument("--out", default=None, help="output directory (default: RUN_DIR/plots)")
+    plot.set_defaults(func=_cmd_plot)
+
+    try:
+        from arpo.rollout.cli import add_rollout_parser, run_rollout_cli
+    except ImportError:
+        pass
+    else:
+        rollout = add_rollout_parser(sub)
+        if rollout is not None and rollout.get_default("func") is None:
+            rollout.set_defaults(func=run_rollout_cli)
+
     bench = sub.add_parser("bench", help="run throughput/memory benchmarks and print a comparison table")
     bench.add_argument("workload", nargs="?", help="benchmark to run (see --list)")
     bench.add_argument("--list", action="store_true", help="list the available benchmarks")
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     bench.add_argument("--quick", action="store_true", help="smallest shapes only (smoke run)")
     bench.add_argument("--out", default=None, help="write the results as JSON to this path")
-    bench.add_argument("--only", default=None, help="run only the workloads whose label contains this text")
     bench.set_defaults(func=_cmd_bench)
     return parser
 

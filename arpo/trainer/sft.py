@@ -1,0 +1,162 @@
+"""Cold-start SFT (`arpo sft`, and the first phase of the embedded `arpo train`): teach the tool-use format.
+
+RL on a model that never writes `<python>…</python>` has nothing to reinforce, so the policy first imitates
+demonstration traces. The loss is the mean negative log-likelihood of the model's *own* tokens only: the prompt
+and tool-result spans (` <result>\\n…\\n</result>`, which the tool writes at rollout time) are masked out; the EOS
+after the answer is trained, so the model learns to stop.
+
+Traces: the embedded task's demonstrations (`arpo.data.demo_segments`), or `sft.train_files` — JSONL rows with a
+`prompt` and either `segments: [[text, trainable], ...]` or a `response` text whose ` <result>…</result>` spans
+are masked automatically. Batches are packed end to end (varlen attention, no padding); the log-likelihood goes
+through the fused `linear_logprobs_entropy`, never materialising [tokens, vocab] logits. The optimiser is AdamW
+with sft.lr, optim.weight_decay and optim.grad_clip, and PyTorch's default betas (optim.betas are the RL's).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import re
+import time
+
+import torch
+
+from arpo.trainer.data import DataError, PromptSampler, encode_prompt
+
+_RESULT_SPAN = re.compile(r"( <result>\n.*?\n</result>)", re.S)
+
+
+def _segments_of_response(text: str) -> list[tuple[str, bool]]:
+    parts = _RESULT_SPAN.split(text)
+    return [(p, not _RESULT_SPAN.fullmatch(p)) for p in parts if p]
+
+
+def _trace_rows(path: str) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}, row {lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{where}: invalid JSON ({exc.msg})") from None
+            if not isinstance(row, dict) or "prompt" not in row or not ("segments" in row or "response" in row):
+                raise DataError(f"{where}: an SFT trace needs 'prompt' and 'segments' or 'response'")
+            if "segments" in row:
+                segs = row["segments"]
+                if not (isinstance(segs, list) and all(isinstance(s, (list, tuple)) and len(s) == 2
+                                                       and isinstance(s[0], str) for s in segs)):
+                    raise DataError(f"{where}: 'segments' must be a list of [text, trainable] pairs")
+                segs = [(s[0], bool(s[1])) for s in segs]
+            else:
+                if not isinstance(row["response"], str):
+                    raise DataError(f"{where}: 'response' must be a string")
+                segs = _segments_of_response(row["response"])
+            rows.append({"prompt": row["prompt"], "segments": segs})
+    if not rows:
+        raise DataError(f"{path}: no traces")
+    return rows
+
+
+def load_traces(cfg) -> list[dict]:
+    """`{prompt, segments}` demonstrations: sft.train_files, or the embedded task's."""
+    if cfg.sft.train_files:
+        return [r for f in cfg.sft.train_files for r in _trace_rows(f)]
+    from arpo.data import demo_segments, embedded_examples
+
+    exs = embedded_examples(cfg.data.embedded_train_size, "train", cfg.train.seed, cfg.data.embedded_lookup_fraction)
+    return [{"prompt": ex.prompt, "segments": demo_segments(ex)} for ex in exs]
+
+
+def tokenize_trace(tokenizer, trace: dict, data_section, max_tokens: int) -> tuple[list[int], list[int]]:
+    """(ids, mask): prompt (mask 0), segments (mask = trainable), EOS (mask 1); cut to `max_tokens`."""
+    ids = encode_prompt(tokenizer, trace["prompt"], data_section)
+    mask = [0] * len(ids)
+    for text, trainable in trace["segments"]:
+        seg = list(tokenizer.encode(text, add_special_tokens=False))
+        ids += seg
+        mask += [int(trainable)] * len(seg)
+    if tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+        mask.append(1)
+    return ids[:max_tokens], mask[:max_tokens]
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast on CUDA when asked; a no-op elsewhere."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def packed_nll(model, batch: list[tuple[list[int], list[int]]], bf16: bool = True) -> tuple[torch.Tensor, int]:
+    """Mean NLL over the masked-in next tokens of `batch` packed into one varlen forward; (loss, tokens)."""
+    from arpo.model import AttentionContext
+    from arpo_kernels import linear_logprobs_entropy
+
+    dev = model.device
+    ids, pos, cu, pred, tgt = [], [], [0], [], []
+    for seq, mask in batch:
+        base = len(ids)
+        ids += seq
+        pos += range(len(seq))
+        cu.append(len(ids))
+        for j in range(1, len(seq)):
+            if mask[j]:
+                pred.append(base + j - 1)
+                tgt.append(seq[j])
+    if not tgt:
+        raise DataError("an SFT batch has no trainable tokens (all masked or cut by sft.max_tokens)")
+    t = lambda x, dt=torch.long: torch.tensor(x, dtype=dt, device=dev)  # noqa: E731
+    ctx = AttentionContext.varlen(t(cu, torch.int32), max(b - a for a, b in zip(cu, cu[1:])))
+    with autocast(dev, bf16):
+        hidden = model(t(ids), t(pos), ctx)
+    w = model.lm_head_weight
+    h = hidden.index_select(0, t(pred)).to(w.dtype)
+    logp, _ = linear_logprobs_entropy(h, w, t(tgt))
+    return -logp.mean(), len(tgt)
+
+
+def run_sft(model, tokenizer, cfg, logger=None, progress: bool = True) -> dict:
+    """`sft.steps` AdamW steps on the traces; returns the last step's metrics. The model trains in place."""
+    s = cfg.sft
+    traces = [tokenize_trace(tokenizer, tr, cfg.data, s.max_tokens) for tr in load_traces(cfg)]
+    sampler = PromptSampler(traces, s.batch_size, cfg.train.seed, shuffle=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=cfg.optim.weight_decay)  # default betas
+    model.train()
+    bar = _bar(s.steps, "sft", progress)
+    last: dict = {}
+    t_start = time.perf_counter()
+    for step in range(s.steps):
+        t0 = time.perf_counter()
+        loss, n_tok = packed_nll(model, sampler.batch(step), cfg.train.bf16)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else math.inf
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        dt = time.perf_counter() - t0
+        last = {"loss": loss.item(), "grad_norm": float(gnorm), "tokens_per_s": n_tok / max(dt, 1e-9),
+                "lr": s.lr, "time/update": dt}
+        if logger is not None:
+            logger.log(step + 1, last)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str(f"loss={last['loss']:.3f}")
+    if bar is not None:
+        bar.close()
+    model.eval()
+    last["wall_s"] = time.perf_counter() - t_start
+    return last
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)

@@ -1,0 +1,132 @@
+"""One policy update on a batch of rollout trees: mini-batches, micro-batches, the segmented loss, AdamW.
+
+The trees of one rollout batch are split into mini-batches of `train.mini_batch_prompts` prompts (one optimiser
+step each, `algo.ppo_epochs` passes). A mini-batch is tree-packed (`arpo.algo.pack_trees`: each shared token
+forwarded once, ancestor-mask attention, depth positions) in micro-batches of about `train.micro_batch_tokens`
+packed tokens whose gradients accumulate. The aggregation weights (token-mean, ...) are computed once over the
+whole mini-batch and sliced per micro-batch — the loss kernel's per-token coefficients are exact for any split —
+so the accumulated gradient equals that of one forward over the mini-batch.
+
+Also measured here: the gap between the sampler's log-probs (decode path: paged attention, fused sampler) and the
+trainer's recomputation of the same tokens (packed tree forward), on the first mini-batch, before any weight
+changes — the two should agree up to kernel rounding, and `logprob_gap/*` says by how much.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+
+from arpo.algo import pack_trees
+from arpo.model import AttentionContext
+from arpo.trainer.sft import autocast
+from arpo_kernels import linear_logprobs_entropy, segmented_policy_loss
+from arpo_kernels.policy_loss import PolicyLossWeights
+
+NO_DUAL_CLIP = 1e30
+
+
+def micro_batches(trees: list, max_tokens: int) -> list[list]:
+    """Consecutive groups of trees of at most `max_tokens` packed tokens each (a bigger tree goes alone)."""
+    groups, cur, size = [], [], 0
+    for tree in trees:
+        n = tree.num_unique_tokens()
+        if cur and size + n > max_tokens:
+            groups.append(cur)
+            cur, size = [], 0
+        cur.append(tree)
+        size += n
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+def _slice(w: PolicyLossWeights, a: int, b: int, device) -> PolicyLossWeights:
+    return PolicyLossWeights(*(t[a:b].to(device) for t in w))
+
+
+def token_stats(model, batch, temperature: float, bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-prob, entropy) of the loss tokens of a (device-resident) packed batch under `model`, differentiable."""
+    ctx = AttentionContext.tree(batch.attention_mask())
+    with autocast(batch.input_ids.device, bf16):
+        hidden = model(batch.input_ids, batch.position_ids, ctx)
+    w = model.lm_head_weight
+    h = hidden.index_select(0, batch.pred_index).to(w.dtype)
+    return linear_logprobs_entropy(h, w, batch.targets, temperature=temperature)
+
+
+def _loss_kwargs(cfg) -> dict:
+    a = cfg.algo
+    return {"clip_low": a.clip_low, "clip_high": a.clip_high,
+            "dual_clip": a.dual_clip if a.dual_clip is not None else NO_DUAL_CLIP,
+            "kl_coef": a.kl_coef, "entropy_clip": a.aepo_entropy_clip,
+            "entropy_adv_coef": a.aepo_entropy_adv_coef if a.aepo_entropy_advantage else 0.0}
+
+
+def _micro_step(model, ref_model, micro, w, cfg, measure_gap: bool, sums: dict) -> None:
+    """Forward + backward of one micro-batch; adds weighted metric sums into `sums`."""
+    temperature = cfg.rollout.temperature
+    logp, ent = token_stats(model, micro, temperature, cfg.train.bf16)
+    old = micro.old_logprobs
+    ref = None
+    if cfg.algo.kl_coef > 0 and ref_model is not None:
+        with torch.no_grad():
+            ref, _ = token_stats(ref_model, micro, temperature, cfg.train.bf16)
+    loss, m = segmented_policy_loss(logp, old, w, entropy=ent.detach(), ref_logprobs=ref, **_loss_kwargs(cfg))
+    count = w.count.float()
+    if cfg.algo.entropy_coef > 0:  # entropy bonus, weighted like the loss tokens (Σ weight = the aggregation)
+        loss = loss - cfg.algo.entropy_coef * (w.weight.float() * ent).sum()
+    loss.backward()
+    n = float(count.sum())
+    sums["loss"] += float(loss.detach())
+    sums["count"] += n
+    for k, v in m.items():
+        sums[k] += float(v) * n
+    if measure_gap:
+        gap = (logp.detach() - old).abs()
+        sums["gap_sum"] += float(gap.sum())
+        sums["gap_max"] = max(sums["gap_max"], float(gap.max()) if gap.numel() else 0.0)
+        sums["gap_n"] += gap.numel()
+
+
+def policy_update(model, trees: list, cfg, optimizer, ref_model=None) -> dict:
+    """PPO epochs over mini-batches of `trees`; returns metrics. The caller steps the lr scheduler."""
+    model.train()
+    t = cfg.train
+    per_mini = t.mini_batch_prompts
+    minis = [trees[i:i + per_mini] for i in range(0, len(trees), per_mini)]
+    mode = "hard" if cfg.algo.attribution == "hard" else "soft"
+    sums: dict = defaultdict(float)
+    sums["gap_max"] = 0.0
+    norms, steps = [], 0
+    clip = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else math.inf
+    for epoch in range(cfg.algo.ppo_epochs):
+        for mi, mini in enumerate(minis):
+            full = pack_trees(mini, eps=cfg.algo.adv_eps)
+            if full.targets.numel() == 0:
+                continue
+            weights = full.loss_weights(mode, cfg.algo.aggregation)
+            optimizer.zero_grad(set_to_none=True)
+            k = 0
+            for group in micro_batches(mini, t.micro_batch_tokens):
+                micro = pack_trees(group, eps=cfg.algo.adv_eps).to(model.device)
+                n = micro.targets.numel()
+                if n:
+                    _micro_step(model, ref_model, micro, _slice(weights, k, k + n, model.device), cfg,
+                                epoch == 0 and mi == 0, sums)
+                k += n
+            norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip)))
+            optimizer.step()
+            steps += 1
+    model.eval()
+    n = max(sums["count"], 1.0)
+    out = {"loss": sums["loss"] / max(steps, 1), "grad_norm": sum(norms) / max(len(norms), 1),
+           "optimizer_steps": steps}
+    for key in ("clip_frac", "dual_clip_frac", "approx_kl", "entropy", "kl"):
+        if key in sums:
+            out[f"update/{key}"] = sums[key] / n
+    if sums["gap_n"]:
+        out["logprob_gap/mean_abs"] = sums["gap_sum"] / sums["gap_n"]
+        out["logprob_gap/max_abs"] = sums["gap_max"]
+    return out
