@@ -30,7 +30,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         for name, doc in registry.describe().items():
             print(f"{name:20s} {doc}")
         return 0
-    return registry.run_cli(args.workload, device=args.device, quick=args.quick, out=args.out)
+    return registry.run_cli(args.workload, device=args.device, quick=args.quick, out=args.out, only=args.only)
 
 
 # ---------------------------------------------------------------------------------------------------- config
@@ -291,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     bench.add_argument("--quick", action="store_true", help="smallest shapes only (smoke run)")
     bench.add_argument("--out", default=None, help="write the results as JSON to this path")
+    bench.add_argument("--only", default=None, help="run only the workloads whose label contains this text")
     bench.set_defaults(func=_cmd_bench)
     return parser
 

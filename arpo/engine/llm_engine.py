@@ -14,6 +14,7 @@ next step with the new weights — no copy, no sync.
 from __future__ import annotations
 
 import itertools
+import os
 import random
 
 import torch
@@ -50,8 +51,8 @@ class LLMEngine:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
-        if decode_graphs is None:  # CUDA graphs for decode steps wherever they can run
-            decode_graphs = "cuda" if model.device.type == "cuda" else "off"
+        if decode_graphs is None:  # CUDA graphs for decode steps wherever they can run; env override for debugging
+            decode_graphs = os.environ.get("ARPO_DECODE_GRAPHS") or ("cuda" if model.device.type == "cuda" else "off")
         self.runner = ModelRunner(model, num_blocks, block_size, decode_graphs=decode_graphs,
                                   max_batch=min(max_num_seqs, 256), max_model_len=self.max_model_len)
         self.seqs: dict[int, Sequence] = {}
