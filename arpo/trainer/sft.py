@@ -119,8 +119,11 @@ def packed_nll(model, batch: list[tuple[list[int], list[int]]], bf16: bool = Tru
     return -logp.mean(), len(tgt)
 
 
-def run_sft(model, tokenizer, cfg, logger=None, progress: bool = True) -> dict:
-    """`sft.steps` AdamW steps on the traces; returns the last step's metrics. The model trains in place."""
+def run_sft(model, tokenizer, cfg, logger=None, progress: bool = True, stop_loss: float | None = None) -> dict:
+    """Up to `sft.steps` AdamW steps on the traces; returns the last step's metrics (plus `steps`). The model
+    trains in place. `stop_loss` ends it early once the running loss (an EMA over ~20 steps, after at least
+    50 steps) falls below it: a cold start that stops where the format is learnt, not at a fixed step count
+    whose outcome varies from seed to seed."""
     s = cfg.sft
     traces = [tokenize_trace(tokenizer, tr, cfg.data, s.max_tokens) for tr in load_traces(cfg)]
     sampler = PromptSampler(traces, s.batch_size, cfg.train.seed, shuffle=True)
@@ -129,6 +132,8 @@ def run_sft(model, tokenizer, cfg, logger=None, progress: bool = True) -> dict:
     bar = _bar(s.steps, "sft", progress)
     last: dict = {}
     t_start = time.perf_counter()
+    ema = None
+    done = 0
     for step in range(s.steps):
         t0 = time.perf_counter()
         loss, n_tok = packed_nll(model, sampler.batch(step), cfg.train.bf16)
@@ -145,10 +150,14 @@ def run_sft(model, tokenizer, cfg, logger=None, progress: bool = True) -> dict:
         if bar is not None:
             bar.update(1)
             bar.set_postfix_str(f"loss={last['loss']:.3f}")
+        done = step + 1
+        ema = last["loss"] if ema is None else 0.9 * ema + 0.1 * last["loss"]
+        if stop_loss is not None and done >= 50 and ema < stop_loss:
+            break
     if bar is not None:
         bar.close()
     model.eval()
-    last["wall_s"] = time.perf_counter() - t_start
+    last.update(wall_s=time.perf_counter() - t_start, steps=done)
     return last
 
 

@@ -146,9 +146,13 @@ class Trainer:
         from arpo.trainer.sft import run_sft
 
         self.model, self.tokenizer = load_policy(base, self.cfg.model)
-        self.echo(f"cold start: {self.cfg.sft.steps} SFT steps on the demonstrations")
+        stop = getattr(self.cfg.sft, "stop_loss", None)
+        self.echo(f"cold start: up to {self.cfg.sft.steps} SFT steps on the demonstrations"
+                  + (f" (until the loss is below {stop:g})" if stop else ""))
         with MetricsLogger(os.path.join(self.run_dir, "sft")) as logger:
-            self.sft_summary = run_sft(self.model, self.tokenizer, self.cfg, logger, progress=self.progress)
+            self.sft_summary = run_sft(self.model, self.tokenizer, self.cfg, logger, progress=self.progress,
+                                       stop_loss=stop)
+        self.echo(f"cold start: {self.sft_summary['steps']} steps, loss {self.sft_summary['loss']:.3f}")
         tmp = f"{out}.tmp-{os.getpid()}"
         self.model.save_pretrained(tmp)
         self.tokenizer.save_pretrained(tmp)

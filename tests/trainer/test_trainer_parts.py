@@ -160,3 +160,16 @@ def test_bf16_parameters_get_fp32_master_weights():
     opt2.load_state_dict(opt.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(opt.masters, opt2.masters))
     assert torch.equal(fresh.norm.weight, w)
+
+
+def test_sft_stops_early_at_the_loss_target(tmp_path):
+    from arpo.trainer.embedded import base_model_path, load_policy
+    from arpo.trainer.sft import run_sft
+
+    over = ["model.embedded_hidden_size=32", "model.embedded_layers=1", "model.embedded_intermediate_size=48",
+            "model.device=cpu", f"train.run_dir={tmp_path}", "sft.steps=60", "sft.batch_size=2",
+            "data.embedded_train_size=8", "sft.max_tokens=24"]
+    cfg = load_config(None, over)
+    model, tok = load_policy(base_model_path(cfg), cfg.model)
+    assert run_sft(model, tok, cfg, progress=False, stop_loss=100.0)["steps"] == 50  # met at once: 50-step minimum
+    assert run_sft(model, tok, cfg, progress=False, stop_loss=None)["steps"] == 60
