@@ -210,6 +210,8 @@ class SftSection:
     batch_size: int = opt(32, "traces per SFT step", gt=0)
     train_files: list[str] = opt([], "JSONL traces; empty = demonstrations of the embedded task")
     max_tokens: int = opt(4096, "traces longer than this are truncated", gt=0)
+    stop_loss: Optional[float] = opt(None, "stop SFT once the running loss (EMA over ~20 steps, after >= 50 steps) "
+                                           "is below this; null = run all sft.steps", gt=0)
 
 
 @dataclass
