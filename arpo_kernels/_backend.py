@@ -7,6 +7,7 @@ tensor would get, so the choice is inspectable.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -55,3 +56,19 @@ def backend_for(tensor: torch.Tensor) -> str:
 
 def use_triton(tensor: torch.Tensor) -> bool:
     return backend_for(tensor) == "triton"
+
+
+@contextlib.contextmanager
+def forced_backend(name: str):
+    """Run the enclosed kernel calls on `name` ('torch' | 'triton' | 'auto'), restoring the previous choice."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend {name!r}: expected one of {', '.join(BACKENDS)}")
+    prev = os.environ.get("ARPO_KERNEL_BACKEND")
+    os.environ["ARPO_KERNEL_BACKEND"] = name
+    try:
+        yield
+    finally:
+        if prev is None:
+            os.environ.pop("ARPO_KERNEL_BACKEND", None)
+        else:
+            os.environ["ARPO_KERNEL_BACKEND"] = prev

@@ -32,6 +32,15 @@ def group_advantages(rewards, eps: float = 1e-6) -> torch.Tensor:
     return (r - r.mean()) / (r.std() + eps)
 
 
+def tree_advantages(tree, index: int, advantages: list | None, eps: float = 1e-6) -> torch.Tensor:
+    """The leaf advantages of the `index`-th tree of a batch: given ones, or its leaves normalised as a group."""
+    a = group_advantages(tree.rewards(), eps) if advantages is None else torch.as_tensor(
+        advantages[index], dtype=torch.float64).flatten()
+    if a.numel() != len(tree.leaves):
+        raise ValueError(f"tree {index}: {a.numel()} advantages for {len(tree.leaves)} leaves")
+    return a
+
+
 def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name}={value!r}: expected one of {', '.join(allowed)}")

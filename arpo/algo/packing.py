@@ -33,11 +33,11 @@ import torch
 from arpo.algo.advantages import (
     MODES,
     check_choice,
-    group_advantages,
     hard_coefficients,
     hard_token_weights,
     leaf_weights,
     soft_coefficients,
+    tree_advantages,
 )
 from arpo.rollout.tree import ROOT, RolloutTree
 from arpo_kernels.policy_loss import PolicyLossWeights
@@ -146,10 +146,7 @@ def pack_trees(trees: list[RolloutTree], advantages: list | None = None, eps: fl
     n_leaves_before, dup = 0, 0
     for b, tree in enumerate(trees):
         tree.validate()
-        a = group_advantages(tree.rewards(), eps) if advantages is None else torch.as_tensor(
-            advantages[b], dtype=torch.float64).flatten()
-        if a.numel() != len(tree.leaves):
-            raise ValueError(f"tree {b}: {a.numel()} advantages for {len(tree.leaves)} leaves")
+        a = tree_advantages(tree, b, advantages, eps)
         base = len(ids)
         prompt_node = len(node_parent)
         node_parent.append(-1)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from arpo.algo.advantages import AGGREGATIONS, check_choice, group_advantages
+from arpo.algo.advantages import AGGREGATIONS, check_choice, tree_advantages
 from arpo.rollout.tree import RolloutTree
 
 
@@ -38,10 +38,7 @@ def leaf_rows(trees: list[RolloutTree], advantages: list | None = None, eps: flo
     rows, masks, lps, adv, leaf_tree = [], [], [], [], []
     for b, tree in enumerate(trees):
         tree.validate()
-        a = group_advantages(tree.rewards(), eps) if advantages is None else torch.as_tensor(
-            advantages[b], dtype=torch.float64).flatten()
-        if a.numel() != len(tree.leaves):
-            raise ValueError(f"tree {b}: {a.numel()} advantages for {len(tree.leaves)} leaves")
+        a = tree_advantages(tree, b, advantages, eps)
         p = [0] * len(tree.prompt_ids)
         for leaf in tree.leaves:
             rows.append(tree.leaf_token_ids(leaf, with_prompt=True))

@@ -15,10 +15,11 @@ shows in time depends on the model's tree attention (a dense [L, L] mask costs m
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import torch
+
+from arpo_kernels._backend import forced_backend
 
 DOC = "policy loss: tree-packed vs duplicated-row training (fwd+bwd), segmented loss kernel vs reference"
 BASELINE = "reference"
@@ -151,17 +152,10 @@ def _loss_provider(backend: str | None):
         fn = policy_loss.segmented_policy_loss_reference if backend is None else policy_loss.segmented_policy_loss
 
         def run():
-            prev = os.environ.get("ARPO_KERNEL_BACKEND")
-            os.environ["ARPO_KERNEL_BACKEND"] = backend or "torch"
-            try:
+            with forced_backend(backend or "torch"):
                 loss, _ = fn(logp, old, weights)
                 loss.backward()
                 logp.grad = None
-            finally:
-                if prev is None:
-                    os.environ.pop("ARPO_KERNEL_BACKEND", None)
-                else:
-                    os.environ["ARPO_KERNEL_BACKEND"] = prev
         return run
     return make
 

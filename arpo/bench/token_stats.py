@@ -10,10 +10,11 @@ GPU shapes are Qwen2.5-3B's (H = 2048, V = 151,936); the CPU set is scaled down.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
+
+from arpo_kernels._backend import forced_backend
 
 DOC = "log-prob + entropy from logits / from hidden states (lm_head fused): time and peak memory vs naive"
 BASELINE = "naive"
@@ -119,15 +120,8 @@ def _linear_provider(stats_from_hidden):
 
 def _forced(backend: str, fn):
     def wrapped(*args):
-        old = os.environ.get("ARPO_KERNEL_BACKEND")
-        os.environ["ARPO_KERNEL_BACKEND"] = backend
-        try:
+        with forced_backend(backend):
             return fn(*args)
-        finally:
-            if old is None:
-                os.environ.pop("ARPO_KERNEL_BACKEND", None)
-            else:
-                os.environ["ARPO_KERNEL_BACKEND"] = old
     return wrapped
 
 

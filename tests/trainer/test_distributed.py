@@ -20,6 +20,7 @@ from arpo.algo.advantages import AGGREGATIONS, MODES
 from arpo.algo.synthetic import random_tree
 from arpo.model import AttentionContext, Qwen2Model
 from arpo.trainer import distributed as D
+from arpo.trainer.update import micro_batches
 from arpo_kernels.policy_loss import PolicyLossWeights, segmented_policy_loss_from_hidden
 
 pytestmark = pytest.mark.skipif(
@@ -46,15 +47,7 @@ def make_trees(seed: int, n: int = 8) -> list:
 
 
 def micro_groups(trees: list) -> list[list]:
-    groups, cur, size = [], [], 0
-    for t in trees:
-        n = t.num_unique_tokens()
-        if cur and size + n > MICRO_TOKENS:
-            groups.append(cur)
-            cur, size = [], 0
-        cur.append(t)
-        size += n
-    return groups + [cur] if cur else groups
+    return micro_batches(trees, MICRO_TOKENS)
 
 
 def train_step(model, opt, trees, mode, agg) -> dict:
