@@ -16,9 +16,9 @@ per token by `arpo.algo.packing`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
+
+from arpo_kernels.policy_loss import PolicyLossWeights
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
 MODES = ("soft", "hard")
@@ -86,21 +86,11 @@ def hard_token_weights(membership: torch.Tensor, lengths: torch.Tensor, seg_toke
     return (mem @ w) / mem.sum(1).clamp(min=1)
 
 
-@dataclass
-class SegmentCoefficients:
-    """Per-segment loss coefficients (fp64, shape [S]); see `arpo_kernels.policy_loss.PolicyLossWeights`.
-
-    pos / neg: aggregation-weighted positive / negative advantage mass; weight: total aggregation weight (scales
-    the KL term); count / count_pos / count_neg: how many times a token of the segment appears in the equivalent
-    batch, in all / with Â > 0 / with Â < 0 (weights of the metrics and of the entropy z-score).
-    """
-
-    pos: torch.Tensor
-    neg: torch.Tensor
-    weight: torch.Tensor
-    count: torch.Tensor
-    count_pos: torch.Tensor
-    count_neg: torch.Tensor
+# Per-segment loss coefficients (fp64, shape [S]) share the per-token type of the loss kernel: pos / neg are the
+# aggregation-weighted positive / negative advantage mass, weight the total aggregation weight (scales the KL
+# term), count / count_pos / count_neg how often a token of the segment appears in the equivalent batch, in all /
+# with Â > 0 / with Â < 0. Gathering by each token's segment gives the kernel's input.
+SegmentCoefficients = PolicyLossWeights
 
 
 def soft_coefficients(membership: torch.Tensor, advantages: torch.Tensor, weights: torch.Tensor) -> SegmentCoefficients:

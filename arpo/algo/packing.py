@@ -128,8 +128,7 @@ class PackedBatch:
             node_tokens = torch.bincount(self.target_node, minlength=self.membership.shape[0])
             c = hard_token_weights(self.membership, self.leaf_lengths, node_tokens, aggregation)
             seg = hard_coefficients(self.membership, self.advantages, c)
-        return PolicyLossWeights(*(getattr(seg, f.name).float()[self.target_node]
-                                   for f in fields(seg)))
+        return PolicyLossWeights(*(t.float()[self.target_node] for t in seg))
 
 
 def pack_trees(trees: list[RolloutTree], advantages: list | None = None, eps: float = 1e-6) -> PackedBatch:
