@@ -73,9 +73,34 @@ def _user_errors():
 
 
 # ---------------------------------------------------------------------------------------------------- train
+def _torchrun(args: argparse.Namespace) -> int:
+    """`arpo train --nproc N ...`: the same command, N times, under torchrun (one node, private rendezvous)."""
+    import subprocess
+
+    from arpo.trainer.distributed import torchrun_argv
+
+    rest = ["train", *args.args]
+    if args.resume is not None:
+        rest += ["--resume", args.resume]
+    return subprocess.call(torchrun_argv(args.nproc, rest))
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from arpo.config import config_to_yaml
 
+    if args.nproc is not None and not args.print_config:
+        if args.nproc < 1:
+            return _fail(ValueError(f"--nproc must be >= 1, got {args.nproc}"))
+        if "WORLD_SIZE" in os.environ:
+            return _fail(ValueError("--nproc under torchrun: launch with one or the other"))
+        from arpo.trainer.distributed import local_batch_sizes
+
+        try:  # check the config here, once, rather than N times under torchrun
+            cfg = load_cli_config(list(args.args))
+            local_batch_sizes(cfg.train.batch_prompts, cfg.train.mini_batch_prompts, args.nproc)
+        except (*_user_errors(), ValueError) as exc:
+            return _fail(exc)
+        return _torchrun(args)
     items = list(args.args)
     resume = args.resume
     if resume is not None and "=" in resume:  # `--resume key=value`: a bare --resume followed by an override
@@ -91,7 +116,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         from arpo.trainer.checkpoint import latest_checkpoint
         from arpo.trainer.trainer import Trainer
 
-        if cfg.train.resume is None and latest_checkpoint(cfg.train.run_dir):
+        if cfg.train.resume is None and latest_checkpoint(cfg.train.run_dir) and _rank0():
             print(f"note: {cfg.train.run_dir} holds checkpoints of an earlier run; starting fresh "
                   "(use --resume to continue it)", file=sys.stderr)
         trainer = Trainer(cfg)
@@ -101,8 +126,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
         summary = trainer.train()
     finally:
         trainer.close()
-    _print_outputs(cfg.train.run_dir, summary)
+    if _rank0():
+        _print_outputs(cfg.train.run_dir, summary)
     return 0
+
+
+def _rank0() -> bool:
+    """Not a torchrun worker other than rank 0 (which print nothing)."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _print_outputs(run_dir: str, summary: dict) -> None:
@@ -255,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--print-config", action="store_true", help="print the full config (YAML with help) and exit")
     train.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                        help="continue the run: from the newest checkpoint in train.run_dir, or from CHECKPOINT")
+    train.add_argument("--nproc", type=int, default=None, metavar="N",
+                       help="data-parallel over N local processes (GPUs): re-runs itself under torchrun with FSDP2 "
+                            "(same as `torchrun --standalone --nproc_per_node=N -m arpo train ...`)")
     train.set_defaults(func=_cmd_train)
 
     sft = sub.add_parser("sft", help="cold-start SFT on tool-use traces (loss on the model's own tokens only)")

@@ -36,7 +36,8 @@ class LLMEngine:
     def __init__(self, model, *, block_size: int = 16, num_blocks: int | None = None,
                  memory_fraction: float = 0.3, max_num_seqs: int = 256, max_num_batched_tokens: int = 4096,
                  max_model_len: int | None = None, tokenizer=None, eos_token_id: int | None = None,
-                 enable_prefix_caching: bool = True, seed: int = 0, decode_graphs: str | None = None):
+                 enable_prefix_caching: bool = True, seed: int = 0, decode_graphs: str | None = None,
+                 kv_dtype: torch.dtype | None = None):
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         cfg = model.config
@@ -45,6 +46,9 @@ class LLMEngine:
         self.max_model_len = max_model_len or getattr(cfg, "max_position_embeddings", 32768)
         self.eos_token_id = eos_token_id if eos_token_id is not None else _eos_of(cfg, tokenizer)
         self.block_size = block_size
+        # the cache's dtype: the model's, unless its weights are decoded in another one (FSDP2 mixed precision
+        # keeps fp32 shards and gathers bf16 weights for the rollout)
+        self.kv_dtype = kv_dtype or model.dtype
         if num_blocks is None:
             num_blocks = self._blocks_for_memory(memory_fraction)
         if num_blocks < 1:
@@ -53,7 +57,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
         if decode_graphs is None:  # CUDA graphs for decode steps wherever they can run; env override for debugging
             decode_graphs = os.environ.get("ARPO_DECODE_GRAPHS") or ("cuda" if model.device.type == "cuda" else "off")
-        self.runner = ModelRunner(model, num_blocks, block_size, decode_graphs=decode_graphs,
+        self.runner = ModelRunner(model, num_blocks, block_size, kv_dtype=self.kv_dtype,
+                                  decode_graphs=decode_graphs,
                                   max_batch=min(max_num_seqs, 256), max_model_len=self.max_model_len)
         self.seqs: dict[int, Sequence] = {}
         self._ids = itertools.count()
@@ -77,7 +82,7 @@ class LLMEngine:
     def _blocks_for_memory(self, fraction: float) -> int:
         cfg = self.model.config
         per_block = (2 * cfg.num_hidden_layers * self.block_size * cfg.num_key_value_heads * cfg.head_dim
-                     * torch.empty((), dtype=self.model.dtype).element_size())
+                     * torch.empty((), dtype=self.kv_dtype).element_size())
         if self.model.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.model.device)
             return max(1, int(free * fraction) // per_block)

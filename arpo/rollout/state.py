@@ -60,8 +60,9 @@ class Trajectory:
 
 @dataclass
 class PromptState:
-    index: int
+    index: int                    # position in this `run` call
     inp: PromptInput
+    seed_index: int = -1          # what its random draws are keyed on (default: `index`)
     anchor: int | None = None     # fork mode: a stopped sequence holding just the prompt's cache
     anchor_ready: bool = False
     pending_globals: int = 0      # globals waiting for the anchor's prefill
@@ -72,6 +73,10 @@ class PromptState:
     decisions: list = field(default_factory=list)
     dynamic_m: int | None = None  # AEPO dynamic budget: the global sample count chosen
     done: bool = False
+
+    def __post_init__(self):
+        if self.seed_index < 0:
+            self.seed_index = self.index
 
     @property
     def prompt_len(self) -> int:

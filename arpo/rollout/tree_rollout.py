@@ -30,7 +30,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED
 from concurrent.futures import wait as wait_futures
 from dataclasses import replace
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 from arpo.engine import SamplingParams
 from arpo.rollout.branching import EntropyBrancher, derive_seed, dynamic_global_budget, mean_entropy
@@ -63,10 +63,14 @@ class TreeRollout:
         self.stats: dict = {}
 
     # --- public ----------------------------------------------------------------------------------------------
-    def run(self, prompts: Iterable, seed: int | None = None) -> list[RolloutTree]:
+    def run(self, prompts: Iterable, seed: int | None = None,
+            seed_indices: Sequence[int] | None = None) -> list[RolloutTree]:
         """Roll out every prompt (ids, Example, dict, text) in one engine batch; one tree per prompt, in order.
 
-        `seed` defaults to `config.seed` + the number of earlier `run` calls, so successive steps differ."""
+        `seed` defaults to `config.seed` + the number of earlier `run` calls, so successive steps differ.
+        `seed_indices` (default 0, 1, ...): what each prompt's random draws are keyed on, with the seed — a
+        data-parallel rank passes the prompts' places in the global batch, so that a prompt's tree does not depend
+        on which rank rolls it out."""
         self.seed = self.cfg.seed + self._runs if seed is None else seed
         self._runs += 1
         self._by_seq: dict[int, Trajectory] = {}
@@ -75,7 +79,11 @@ class TreeRollout:
         before = dict(self.engine.stats)
         t_start = time.perf_counter()
         self.stats = {"tool_calls": 0, "tool_wait_s": 0.0, "decode_s": 0.0, "peak_blocks": 0}
-        states = [PromptState(i, inp) for i, inp in enumerate(as_prompt_inputs(prompts, self.tokenizer))]
+        inputs = as_prompt_inputs(prompts, self.tokenizer)
+        if seed_indices is not None and len(seed_indices) != len(inputs):
+            raise ValueError(f"seed_indices has {len(seed_indices)} entries for {len(inputs)} prompts")
+        states = [PromptState(i, inp, -1 if seed_indices is None else int(seed_indices[i]))
+                  for i, inp in enumerate(inputs)]
         self._states = states
         for st in states:
             self._start(st)
@@ -128,7 +136,7 @@ class TreeRollout:
         st.active += n
         P = st.prompt_len
         keys = [f"g{st.num_globals + i}" for i in range(n)]
-        seeds = [derive_seed(self.seed, st.index, key) for key in keys]
+        seeds = [derive_seed(self.seed, st.seed_index, key) for key in keys]
         if st.anchor is not None:
             ids = self.engine.fork(st.anchor, n, at=P, seeds=seeds)
         else:
@@ -179,7 +187,7 @@ class TreeRollout:
         P, at = st.prompt_len, traj.probe_from
         sampled = [e for e, s in zip(arr.entropies, arr.sampled) if s]
         probe = arr.entropies[at - P:]
-        dec = self.brancher.decide(sampled, probe, key=(self.seed, st.index), trajectory=traj.key,
+        dec = self.brancher.decide(sampled, probe, key=(self.seed, st.seed_index), trajectory=traj.key,
                                    call=traj.calls, position=at, consecutive=traj.consecutive)
         traj.probe_from = None
         traj.consecutive = traj.consecutive + 1 if dec.branch else 0
@@ -192,7 +200,7 @@ class TreeRollout:
 
     def _fork(self, st: PromptState, traj: Trajectory, at: int, z: int) -> None:
         keys = [f"{traj.key}.{traj.calls}.{i}" for i in range(z)]
-        seeds = [derive_seed(self.seed, st.index, key) for key in keys]
+        seeds = [derive_seed(self.seed, st.seed_index, key) for key in keys]
         if self.cfg.prefix_mode == "fork":
             ids = self.engine.fork(traj.seq_id, z, at=at, seeds=seeds)
             base, prefix = st.prompt_len, Arrays()

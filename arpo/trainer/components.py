@@ -46,13 +46,18 @@ def max_model_len(cfg) -> int:
     return cfg.data.max_prompt_tokens + cfg.rollout.max_response_tokens + 1
 
 
-def build_engine(model, tokenizer, cfg, max_seqs: int) -> LLMEngine:
+def build_engine(model, tokenizer, cfg, max_seqs: int, *, sharded: bool = False,
+                 kv_dtype: torch.dtype | None = None) -> LLMEngine:
     """An engine on `model` with room for `max_seqs` sequences of full length (on CUDA: a KV cache of 20% of the
     free memory — the optimiser's state is allocated after it, at the first update).
 
-    Prefix caching is off: cached blocks would hold K/V computed with the weights of an earlier step."""
+    Prefix caching is off: cached blocks would hold K/V computed with the weights of an earlier step. An
+    FSDP2-`sharded` model decodes only inside `distributed.full_parameters`, whose gathered weights live at new
+    addresses every rollout: no CUDA graphs then (they would replay stale weight pointers)."""
     length = max_model_len(cfg)
-    kw: dict = {"memory_fraction": 0.2}
+    kw: dict = {"memory_fraction": 0.2, "kv_dtype": kv_dtype}
+    if sharded:
+        kw["decode_graphs"] = "off"
     if model.device.type != "cuda":
         kw["num_blocks"] = max_seqs * math.ceil(length / BLOCK_SIZE) + 8
     return LLMEngine(model, block_size=BLOCK_SIZE, max_model_len=length, tokenizer=tokenizer,

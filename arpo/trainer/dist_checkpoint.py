@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_model_state_dict, set_state_dict)
+                                                     set_model_state_dict, set_optimizer_state_dict, set_state_dict)
 
 from arpo.model import Qwen2Model
 from arpo.model.config import ModelConfig
@@ -34,7 +34,8 @@ from arpo.trainer.distributed import barrier, is_initialized, is_main, rank
 DCP_DIR = "dcp"
 
 
-def _broadcast(obj):
+def broadcast_object(obj):
+    """Rank 0's `obj` on every rank (a picklable value). Collective; identity in one process."""
     if not is_initialized():
         return obj
     box = [obj]
@@ -60,10 +61,14 @@ def model_from_state_dict(config: ModelConfig, state: dict[str, torch.Tensor]) -
     return model
 
 
-def save_hf(model: nn.Module, path: str, max_shard_size: int | str | None = None) -> None:
-    """Consolidate the (sharded) policy into a Hugging Face directory at `path`, written by rank 0. Collective."""
+def save_hf(model: nn.Module, path: str, max_shard_size: int | str | None = None,
+            dtype: torch.dtype | None = None) -> None:
+    """Consolidate the (sharded) policy into a Hugging Face directory at `path`, written by rank 0, in `dtype`
+    (default: the master weights' dtype). Collective."""
     state = gather_full_state_dict(model)
     if is_main():
+        if dtype is not None:
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         model_from_state_dict(model.config, state).save_pretrained(path, max_shard_size=max_shard_size)
     barrier()
 
@@ -94,23 +99,24 @@ def load_sharded(path: str, model: nn.Module, optimizer=None) -> None:
 
 
 def save_step(run_dir: str, step: int, model: nn.Module, optimizer=None, *, scheduler=None, save_tokenizer=None,
-              state: dict | None = None, keep_last: int = 0) -> str:
-    """One checkpoint directory (layout in the module docstring); every rank calls it, returns its path."""
+              state: dict | None = None, keep_last: int = 0, hf_dtype: torch.dtype | None = None) -> str:
+    """One checkpoint directory (layout in the module docstring); every rank calls it, returns its path.
+    `hf_dtype`: the export's dtype (e.g. bf16 for a bf16 policy with fp32 master shards: half the disk)."""
     def collective_part(tmp: str) -> None:
         save_sharded(os.path.join(tmp, DCP_DIR), model, optimizer)
-        save_hf(model, tmp)
+        save_hf(model, tmp, dtype=hf_dtype)
 
     def write(tmp: str) -> None:  # rank 0, inside save_checkpoint: tell the others where, then write together
-        _broadcast(tmp)
+        broadcast_object(tmp)
         collective_part(tmp)
 
     if is_main():
         path = ckpt_lib.save_checkpoint(run_dir, step, save_model=write, save_tokenizer=save_tokenizer,
                                         scheduler=scheduler, state=state, keep_last=keep_last)
     else:
-        collective_part(_broadcast(None))
+        collective_part(broadcast_object(None))
         path = None
-    return _broadcast(path)
+    return broadcast_object(path)
 
 
 def load_step(path: str, model: nn.Module, optimizer=None) -> ckpt_lib.Checkpoint:
@@ -118,6 +124,39 @@ def load_step(path: str, model: nn.Module, optimizer=None) -> ckpt_lib.Checkpoin
     rank 0's RNG states, step) for the caller as `load_checkpoint` does."""
     load_sharded(os.path.join(path, DCP_DIR), model, optimizer)
     return ckpt_lib.load_checkpoint(path)
+
+
+def has_sharded(path: str) -> bool:
+    """Whether checkpoint directory `path` holds DCP shards (written by a `save_step` of a distributed run)."""
+    return os.path.isfile(os.path.join(path, DCP_DIR, ".metadata"))
+
+
+def trainable_names(model: nn.Module) -> list[str]:
+    """Parameter names in the order `build_optimizer` hands the parameters to the optimiser."""
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def load_full_optimizer(model: nn.Module, optimizer, state: dict) -> None:
+    """Load a single-process optimiser state dict (parameters numbered in `trainable_names` order, as
+    `optimizer.state_dict()` writes them) into the optimiser of a sharded `model`: each rank keeps its shards.
+    The fp32 master weights of a `MasterWeightAdamW` state must have been loaded into the model already."""
+    names = trainable_names(model)
+    state = {k: v for k, v in state.items() if k != "master_params"}
+    fqn = {"state": {names[i]: st for i, st in state["state"].items()},
+           "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, fqn, options=StateDictOptions(full_state_dict=True))
+
+
+def load_sharded_into_master_weights(dcp_path: str, hf_path: str, optimizer) -> None:
+    """Resume a distributed run's shards in one process whose bf16 policy trains with `MasterWeightAdamW`: load
+    them into a plain fp32 twin (model `hf_path`) + AdamW, then hand weights and moments to the optimiser, which
+    writes the fp32 masters back into the model."""
+    twin = Qwen2Model.from_pretrained(hf_path, dtype=torch.float32, device="cpu")
+    plain = torch.optim.AdamW([p for p in twin.parameters() if p.requires_grad])
+    load_sharded(dcp_path, twin, plain)
+    state = plain.state_dict()  # hyper-parameters (the lr of the step) included
+    state["master_params"] = [p.detach() for p in twin.parameters() if p.requires_grad]
+    optimizer.load_state_dict(state)
 
 
 def consolidate_dcp(dcp_path: str, config_path: str, out_dir: str, dtype: torch.dtype | None = None) -> None:

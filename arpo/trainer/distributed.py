@@ -245,12 +245,16 @@ def global_loss_weights(batch, mode: str = "soft", aggregation: str = "token-mea
     return PolicyLossWeights(w.pos * s, w.neg * s, w.weight * s, w.count, w.count_pos, w.count_neg)
 
 
-def idle_micro_step(model: nn.Module) -> None:
+def idle_micro_step(model: nn.Module, ref_model: nn.Module | None = None) -> None:
     """A forward + backward that changes no gradient but runs the collectives of a real micro-step (for a rank
     with fewer micro-batches than the others). Touches every parameter, as FSDP2 reduce-scatters only those
-    with a gradient and the ranks' sets must agree."""
+    with a gradient and the ranks' sets must agree; forwards the (sharded) reference model too when the real
+    micro-steps do."""
     dev = model.device
     ids = torch.zeros(1, dtype=torch.long, device=dev)
+    if ref_model is not None:
+        with torch.no_grad():
+            ref_model(ids, ids)
     hidden = model(ids, ids)
     zero = hidden.sum() * 0.0 + model.lm_head_weight.sum() * 0.0
     zero.backward()

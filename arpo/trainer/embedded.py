@@ -98,11 +98,16 @@ def load_tokenizer(path: str):
         raise RuntimeError(f"{path}: cannot load a tokenizer ({type(exc).__name__}: {exc})") from exc
 
 
-def load_policy(path: str, model_section) -> tuple[Qwen2Model, object]:
-    """(model, tokenizer) from a checkpoint directory, on the configured device and dtype."""
+def policy_dtype(path: str, model_section) -> torch.dtype:
+    """The dtype the configured policy computes in (model.dtype resolved for its device and checkpoint)."""
+    return resolve_dtype(model_section.dtype, resolve_device(model_section.device),
+                         ModelConfig.from_file(path).torch_dtype)
+
+
+def load_policy(path: str, model_section, dtype: torch.dtype | None = None) -> tuple[Qwen2Model, object]:
+    """(model, tokenizer) from a checkpoint directory, on the configured device and dtype (or `dtype`)."""
     device = resolve_device(model_section.device)
-    cfg = ModelConfig.from_file(path)
-    dtype = resolve_dtype(model_section.dtype, device, cfg.torch_dtype)
+    dtype = dtype or policy_dtype(path, model_section)
     model = Qwen2Model.from_pretrained(path, dtype=dtype, device=device)
     model.gradient_checkpointing = bool(model_section.gradient_checkpointing)
     return model, load_tokenizer(path)

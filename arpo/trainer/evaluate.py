@@ -16,6 +16,7 @@ import time
 import torch
 
 from arpo.trainer.components import make_rollout
+from arpo.trainer.distributed import sum_across_ranks
 
 CORRECT_AT = 1.0 - 1e-6
 
@@ -25,19 +26,26 @@ def is_correct(reward: float) -> bool:
 
 
 def evaluate(engine, tools, reward_fn, prompts: list, cfg, *, samples: int | None = None,
-             temperature: float | None = None, seed: int = 12345, batch_size: int = 64) -> dict:
-    """Metrics over `prompts` (rollout PromptInputs); the model is left in eval mode."""
+             temperature: float | None = None, seed: int = 12345, batch_size: int = 64,
+             part: tuple[int, int] = (0, 1)) -> dict:
+    """Metrics over `prompts` (rollout PromptInputs); the model is left in eval mode.
+
+    `part=(rank, world)`: this data-parallel rank answers every world-th question from `rank` and the metrics are
+    reduced over the ranks; a question's samples are seeded by its place in `prompts`, wherever it runs."""
     temperature = cfg.train.eval_temperature if temperature is None else temperature
     k = 1 if temperature == 0 else (samples or cfg.train.eval_samples)
     was_training = engine.model.training
     engine.model.eval()
     rollout = make_rollout(engine, tools, reward_fn, cfg, mode="trajectory", leaves=k, temperature=temperature,
                            seed=seed)
+    rank, world = part
+    mine = list(range(rank, len(prompts), world))
     n_correct = n_pass = n_fmt = n_samples = 0
     calls = reward = tokens = 0.0
     t0 = time.perf_counter()
-    for start in range(0, len(prompts), batch_size):
-        for tree in rollout.run(prompts[start:start + batch_size], seed=seed + start):
+    for start in range(0, len(mine), batch_size):
+        chunk = mine[start:start + batch_size]
+        for tree in rollout.run([prompts[i] for i in chunk], seed=seed, seed_indices=chunk):
             oks = [is_correct(l.reward) for l in tree.leaves]
             n_correct += sum(oks)
             n_pass += any(oks)
@@ -47,6 +55,9 @@ def evaluate(engine, tools, reward_fn, prompts: list, cfg, *, samples: int | Non
             reward += sum(l.reward for l in tree.leaves)
             tokens += sum(len(tree.leaf_token_ids(l)) for l in tree.leaves)
     engine.model.train(was_training)
+    if world > 1:
+        n_correct, n_pass, n_fmt, n_samples, calls, reward, tokens = sum_across_ranks(
+            [n_correct, n_pass, n_fmt, n_samples, calls, reward, tokens])
     n_q = max(len(prompts), 1)
     n_s = max(n_samples, 1)
     return {"accuracy": n_correct / n_s, f"pass@{k}": n_pass / n_q, "format_ok": n_fmt / n_s,

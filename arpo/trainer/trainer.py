@@ -21,6 +21,10 @@ Determinism: every random choice is seeded from train.seed and the step, tool re
 step, and the checkpoint holds weights, optimiser, scheduler and RNG states — so `--resume` reproduces the
 metrics an uninterrupted run would have logged (timings aside).
 
+Data-parallel: under torchrun (`arpo train --nproc N`) every rank runs this loop on its share of each step's
+prompts, with the policy sharded by FSDP2 and the rollout decoding on the gathered weights; the update, metrics
+and checkpoints follow `arpo.trainer.distributed` / `dist_checkpoint`, and N ranks reproduce one process's run.
+
 Cold start: with `sft.steps > 0` and no checkpoint to resume, the start model is first fine-tuned on the
 demonstrations (`arpo.trainer.sft`) and saved to RUN_DIR/sft_model, which later runs in that directory reuse.
 """
@@ -36,13 +40,15 @@ import torch
 
 from arpo.config import check_paths, config_to_dict, config_to_yaml
 from arpo.trainer import checkpoint as ckpt_lib
+from arpo.trainer import distributed as D
 from arpo.trainer.components import (build_engine, build_reward, build_tools, make_rollout, set_threads,
                                      step_seed)
 from arpo.trainer.data import PromptSampler, eval_rows, prompt_inputs, train_rows
-from arpo.trainer.embedded import base_model_path, load_policy
+from arpo.trainer import dist_checkpoint as dcp_lib
+from arpo.trainer.embedded import base_model_path, load_policy, policy_dtype
 from arpo.trainer.evaluate import evaluate, is_correct
 from arpo.trainer.metrics import MetricsLogger, progress_postfix
-from arpo.trainer.schedule import build_optimizer
+from arpo.trainer.schedule import MasterWeightAdamW, build_optimizer
 from arpo.trainer.update import policy_update
 
 SFT_MODEL_DIR = "sft_model"
@@ -55,9 +61,8 @@ def seed_everything(seed: int) -> None:
 
 
 def rollout_metrics(trees: list, stats: dict) -> dict:
-    """Per-step numbers about the rollout batch."""
+    """Per-step numbers about the rollout batch (summed over data-parallel ranks: each holds part of it)."""
     leaves = [l for t in trees for l in t.leaves]
-    n = max(len(leaves), 1)
     ent_sum = ent_n = sampled = 0.0
     for t in trees:
         for s in t.segments:
@@ -67,22 +72,32 @@ def rollout_metrics(trees: list, stats: dict) -> dict:
                     ent_n += 1
         sampled += sum(sum(s.loss_mask) for s in t.segments)
     calls = sum(l.tool_calls for l in leaves)
-    branches = sum(int(t.metadata.get("branches", 0)) for t in trees)
-    wall, decode = stats.get("wall_s", 0.0), stats.get("decode_s", 0.0)
-    unique = sum(t.num_unique_tokens() for t in trees)
+    local = {
+        "leaves": len(leaves), "trees": len(trees), "reward": sum(l.reward for l in leaves),
+        "correct": sum(is_correct(l.reward) for l in leaves), "format_ok": sum(l.reward > -1.0 for l in leaves),
+        "ent_sum": ent_sum, "ent_n": ent_n, "sampled": sampled, "calls": calls,
+        "engine_calls": stats.get("tool_calls", calls),
+        "branches": sum(int(t.metadata.get("branches", 0)) for t in trees),
+        "mixed": sum(len(set(t.rewards())) > 1 for t in trees),
+        "response_tokens": sum(len(t.leaf_token_ids(l)) for t in trees for l in t.leaves),
+        "unique": sum(t.num_unique_tokens() for t in trees), "leaf_tokens": sum(t.num_leaf_tokens() for t in trees),
+    }
+    g = dict(zip(local, D.sum_across_ranks(list(local.values()))))
+    wall, decode = D.max_across_ranks(stats.get("wall_s", 0.0)), D.max_across_ranks(stats.get("decode_s", 0.0))
+    n = max(g["leaves"], 1)
     return {
-        "reward": sum(l.reward for l in leaves) / n,
-        "accuracy": sum(is_correct(l.reward) for l in leaves) / n,
-        "format_ok": sum(l.reward > -1.0 for l in leaves) / n,
-        "entropy": ent_sum / max(ent_n, 1),
-        "tool_calls_per_leaf": calls / n,
-        "branch_rate": branches / max(stats.get("tool_calls", calls), 1),
-        "leaves": len(leaves),
-        "mixed_groups": sum(len(set(t.rewards())) > 1 for t in trees) / max(len(trees), 1),
-        "response_tokens": sum(len(t.leaf_token_ids(l)) for t in trees for l in t.leaves) / n,
-        "tokens_per_s": sampled / max(wall, 1e-9),
-        "packed_tokens": unique,
-        "packing_saving": 1.0 - unique / max(sum(t.num_leaf_tokens() for t in trees), 1),
+        "reward": g["reward"] / n,
+        "accuracy": g["correct"] / n,
+        "format_ok": g["format_ok"] / n,
+        "entropy": g["ent_sum"] / max(g["ent_n"], 1),
+        "tool_calls_per_leaf": g["calls"] / n,
+        "branch_rate": g["branches"] / max(g["engine_calls"], 1),
+        "leaves": int(g["leaves"]),
+        "mixed_groups": g["mixed"] / max(g["trees"], 1),
+        "response_tokens": g["response_tokens"] / n,
+        "tokens_per_s": g["sampled"] / max(wall, 1e-9),
+        "packed_tokens": int(g["unique"]),
+        "packing_saving": 1.0 - g["unique"] / max(g["leaf_tokens"], 1),
         "time/rollout": decode,
         "time/tools": max(wall - decode, 0.0),
     }
@@ -93,38 +108,46 @@ class Trainer:
         check_paths(cfg)
         self.cfg = cfg
         self.run_dir = cfg.train.run_dir
-        self.echo = echo
-        self.progress = cfg.log.progress_bar if progress is None else progress
+        # under torchrun: join the job; the policy is sharded with FSDP2 (even on one rank), see `distributed`
+        self.dist = D.init_distributed("cpu" if cfg.model.device == "cpu" else None)
+        self.sharded = self.dist.backend is not None
+        self.main = D.is_main()
+        self.echo = echo if self.main else _silent
+        self.progress = (cfg.log.progress_bar if progress is None else progress) and self.main
+        self.local_prompts, _ = D.local_batch_sizes(cfg.train.batch_prompts, cfg.train.mini_batch_prompts)
         set_threads(cfg.train.threads)
         seed_everything(cfg.train.seed)
         os.makedirs(self.run_dir, exist_ok=True)
         self.resume_path = ckpt_lib.resolve_resume(self.run_dir, cfg.train.resume)
         self.start_step = 0
         self.sft_summary: dict | None = None
+        ck = None
         if self.resume_path:
             ck = ckpt_lib.load_checkpoint(self.resume_path)
             self.start_step = ck.step
             self.start_model = ck.state.get("start_model", self.resume_path)
-            self.model, self.tokenizer = load_policy(self.resume_path, cfg.model)
-        else:
-            ck = None
-            self.start_model = self._start_model()
-            if self.sft_summary is None:
-                self.model, self.tokenizer = load_policy(self.start_model, cfg.model)
+            masters = (ck.optimizer or {}).get("master_params") if not dcp_lib.has_sharded(self.resume_path) \
+                else None
+            self.model, self.tokenizer = self._load(self.resume_path, masters)
+        else:  # a cold start is trained by rank 0 alone; the others wait for its directory
+            self.start_model = self._start_model() if self.main else None
+            if self.sharded:
+                self.start_model = dcp_lib.broadcast_object(self.start_model)
+            self.decode_dtype = policy_dtype(self.start_model, cfg.model)
+            if self.sft_summary is None or self.sharded:
+                self.model, self.tokenizer = self._load(self.start_model)
         self.ref_model = None
         if cfg.algo.kl_coef > 0:
-            self.ref_model, _ = load_policy(self.start_model, cfg.model)
+            self.ref_model, _ = self._load(self.start_model)
             self.ref_model.requires_grad_(False).eval()
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optim, cfg.train.steps)
         if ck is not None:
-            if ck.optimizer:
-                self.optimizer.load_state_dict(ck.optimizer)
-            if ck.scheduler:
-                self.scheduler.load_state_dict(ck.scheduler)
+            self._restore_optimizer(ck)
         self.tools = build_tools(cfg)
         self.reward_fn = build_reward(cfg)
         leaves = max(cfg.rollout.leaves, cfg.train.eval_samples)
-        self.engine = build_engine(self.model, self.tokenizer, cfg, cfg.train.batch_prompts * leaves + 64)
+        self.engine = build_engine(self.model, self.tokenizer, cfg, self.local_prompts * leaves + 64,
+                                   sharded=self.sharded, kv_dtype=self.decode_dtype)
         self.rollout = make_rollout(self.engine, self.tools, self.reward_fn, cfg)
         self.train_prompts = prompt_inputs(train_rows(cfg), self.tokenizer, cfg.data)
         self.eval_prompts = prompt_inputs(eval_rows(cfg), self.tokenizer, cfg.data)
@@ -132,6 +155,38 @@ class Trainer:
         if ck is not None:
             ck.restore_rng()
         self.model.eval()
+
+    # --- the policy --------------------------------------------------------------------------------------------
+    def _load(self, path: str, masters: list | None = None):
+        """(model, tokenizer) from `path`. Sharded runs keep fp32 master shards and gather the weights in the
+        configured dtype (FSDP2 mixed precision) — the single-process trainer's MasterWeightAdamW, distributed;
+        `masters`: that optimiser's saved fp32 weights, which replace the checkpoint's rounded ones."""
+        self.decode_dtype = policy_dtype(path, self.cfg.model)
+        if not self.sharded:
+            return load_policy(path, self.cfg.model)
+        model, tokenizer = load_policy(path, self.cfg.model, dtype=torch.float32)
+        if masters is not None:
+            with torch.no_grad():
+                for p, m in zip([p for p in model.parameters() if p.requires_grad], masters):
+                    p.copy_(m)
+        low = self.decode_dtype if self.decode_dtype != torch.float32 else None
+        return D.shard_model(model, param_dtype=low), tokenizer
+
+    def _restore_optimizer(self, ck) -> None:
+        """Optimiser and scheduler state of `ck`, whichever kind of run wrote it and whichever reads it."""
+        if dcp_lib.has_sharded(self.resume_path):  # a distributed run's shards: any number of ranks, or none
+            dcp_dir = os.path.join(self.resume_path, dcp_lib.DCP_DIR)
+            if isinstance(self.optimizer, MasterWeightAdamW):
+                dcp_lib.load_sharded_into_master_weights(dcp_dir, self.resume_path, self.optimizer)
+            else:
+                dcp_lib.load_sharded(dcp_dir, self.model, self.optimizer)
+        elif ck.optimizer:  # a single-process run's state dict
+            if self.sharded:
+                dcp_lib.load_full_optimizer(self.model, self.optimizer, ck.optimizer)
+            else:
+                self.optimizer.load_state_dict(ck.optimizer)
+        if ck.scheduler:
+            self.scheduler.load_state_dict(ck.scheduler)
 
     # --- start model ---------------------------------------------------------------------------------------------
     def _start_model(self) -> str:
@@ -164,8 +219,11 @@ class Trainer:
         """Training step `step` (1-based): rollout, update, scheduler; returns its metrics."""
         cfg = self.cfg
         prompts = self.sampler.batch(step - 1)
+        mine = D.shard_prompts(list(range(len(prompts))))  # this rank's places in the global batch
         self.model.eval()
-        trees = self.rollout.run(prompts, seed=step_seed(cfg.train.seed, step))
+        with D.full_parameters(self.model):
+            trees = self.rollout.run([prompts[i] for i in mine], seed=step_seed(cfg.train.seed, step),
+                                     seed_indices=mine)
         metrics = rollout_metrics(trees, self.rollout.stats)
         t0 = time.perf_counter()
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
@@ -177,13 +235,19 @@ class Trainer:
     def evaluate(self) -> dict:
         if not self.eval_prompts:
             return {}
-        m = evaluate(self.engine, self.tools, self.reward_fn, self.eval_prompts, self.cfg)
+        with D.full_parameters(self.model):
+            m = evaluate(self.engine, self.tools, self.reward_fn, self.eval_prompts, self.cfg,
+                         part=(D.rank(), D.world_size()))
         k = m["samples"]
         return {"eval/accuracy": m["accuracy"], f"eval/pass@{k}": m[f"pass@{k}"],
                 "eval/tool_calls": m["tool_calls"], "eval/reward": m["reward"], "eval/format_ok": m["format_ok"]}
 
     def save(self, step: int, metrics: dict) -> str:
         state = {"start_model": self.start_model, "metrics": metrics, "config": config_to_dict(self.cfg)}
+        if self.sharded:
+            return dcp_lib.save_step(self.run_dir, step, self.model, self.optimizer, scheduler=self.scheduler,
+                                     save_tokenizer=self.tokenizer.save_pretrained, state=state,
+                                     keep_last=self.cfg.train.keep_last, hf_dtype=self.decode_dtype)
         return ckpt_lib.save_checkpoint(self.run_dir, step, save_model=self.model.save_pretrained,
                                         save_tokenizer=self.tokenizer.save_pretrained, optimizer=self.optimizer,
                                         scheduler=self.scheduler, state=state, keep_last=self.cfg.train.keep_last)
@@ -191,12 +255,15 @@ class Trainer:
     # --- the loop --------------------------------------------------------------------------------------------------
     def train(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
-        with open(os.path.join(self.run_dir, "config.yaml"), "w", encoding="utf-8") as f:
-            f.write(config_to_yaml(cfg))
         log = cfg.log
-        logger = MetricsLogger(self.run_dir, resume_step=self.start_step if self.resume_path else None,
-                               tensorboard=log.tensorboard, wandb=log.wandb, wandb_project=log.wandb_project,
-                               wandb_run_name=log.wandb_run_name, config=config_to_dict(cfg))
+        if self.main:  # one rank writes the logs; metrics are already reduced over ranks
+            with open(os.path.join(self.run_dir, "config.yaml"), "w", encoding="utf-8") as f:
+                f.write(config_to_yaml(cfg))
+            logger = MetricsLogger(self.run_dir, resume_step=self.start_step if self.resume_path else None,
+                                   tensorboard=log.tensorboard, wandb=log.wandb, wandb_project=log.wandb_project,
+                                   wandb_run_name=log.wandb_run_name, config=config_to_dict(cfg))
+        else:
+            logger = _NoLogger()
         summary: dict = {"run_dir": self.run_dir, "start_model": self.start_model, "algo": cfg.algo.name,
                          "rollout_mode": cfg.rollout_mode, "seed": t.seed}
         if self.sft_summary is not None:
@@ -232,12 +299,28 @@ class Trainer:
         if "eval/accuracy" in last:
             summary["eval_end"] = {k: v for k, v in last.items() if k.startswith("eval/")}
             self.echo(f"held-out after RL: {_eval_line(last)}")
-        with open(os.path.join(self.run_dir, "summary.json"), "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=1)
+        if self.main:
+            with open(os.path.join(self.run_dir, "summary.json"), "w", encoding="utf-8") as f:
+                json.dump(summary, f, indent=1)
         return summary
 
     def close(self) -> None:
         self.tools.close()
+        D.destroy_distributed()
+
+
+class _NoLogger:
+    """The metrics logger of ranks other than 0."""
+
+    def log(self, step: int, metrics: dict) -> dict:
+        return dict(metrics)
+
+    def close(self) -> None:
+        pass
+
+
+def _silent(*args, **kwargs) -> None:
+    pass
 
 
 def _eval_line(m: dict) -> str:

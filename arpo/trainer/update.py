@@ -7,6 +7,11 @@ packed tokens whose gradients accumulate. The aggregation weights (token-mean, .
 whole mini-batch and sliced per micro-batch — the loss kernel's per-token coefficients are exact for any split —
 so the accumulated gradient equals that of one forward over the mini-batch.
 
+Data-parallel (under torchrun, `arpo.trainer.distributed`): each rank holds its part of every mini-batch; the
+weights are normalised over the global mini-batch and FSDP2 sums the gradients, so the update equals the
+single-process one; ranks with fewer micro-batches run idle ones (FSDP2's collectives must pair up), and the
+metric sums are reduced over ranks before they become means.
+
 Also measured here: the gap between the sampler's log-probs (decode path: paged attention, fused sampler) and the
 trainer's recomputation of the same tokens (packed tree forward), on the first mini-batch, before any weight
 changes — the two should agree up to kernel rounding, and `logprob_gap/*` says by how much.
@@ -20,11 +25,14 @@ import torch
 
 from arpo.algo import pack_trees
 from arpo.model import AttentionContext
+from arpo.trainer import distributed as D
 from arpo.trainer.sft import autocast
 from arpo_kernels import linear_logprobs_entropy, segmented_policy_loss
 from arpo_kernels.policy_loss import PolicyLossWeights
 
 NO_DUAL_CLIP = 1e30
+METRIC_KEYS = ("clip_frac", "dual_clip_frac", "approx_kl", "entropy", "kl")  # token-weighted loss metrics
+SUM_KEYS = ("loss", "count", "gap_sum", "gap_n") + METRIC_KEYS
 
 
 def micro_batches(trees: list, max_tokens: int) -> list[list]:
@@ -64,8 +72,9 @@ def _loss_kwargs(cfg) -> dict:
             "entropy_adv_coef": a.aepo_entropy_adv_coef if a.aepo_entropy_advantage else 0.0}
 
 
-def _micro_step(model, ref_model, micro, w, cfg, measure_gap: bool, sums: dict) -> None:
-    """Forward + backward of one micro-batch; adds weighted metric sums into `sums`."""
+def _micro_step(model, ref_model, micro, w, cfg, measure_gap: bool, sums: dict) -> float:
+    """Forward + backward of one micro-batch; adds weighted metric sums into `sums`, returns the largest
+    log-prob gap (0 unless `measure_gap`)."""
     temperature = cfg.rollout.temperature
     logp, ent = token_stats(model, micro, temperature, cfg.train.bf16)
     old = micro.old_logprobs
@@ -83,50 +92,60 @@ def _micro_step(model, ref_model, micro, w, cfg, measure_gap: bool, sums: dict) 
     sums["count"] += n
     for k, v in m.items():
         sums[k] += float(v) * n
-    if measure_gap:
-        gap = (logp.detach() - old).abs()
-        sums["gap_sum"] += float(gap.sum())
-        sums["gap_max"] = max(sums["gap_max"], float(gap.max()) if gap.numel() else 0.0)
-        sums["gap_n"] += gap.numel()
+    if not measure_gap:
+        return 0.0
+    gap = (logp.detach() - old).abs()
+    sums["gap_sum"] += float(gap.sum())
+    sums["gap_n"] += gap.numel()
+    return float(gap.max()) if gap.numel() else 0.0
 
 
 def policy_update(model, trees: list, cfg, optimizer, ref_model=None) -> dict:
-    """PPO epochs over mini-batches of `trees`; returns metrics. The caller steps the lr scheduler."""
+    """PPO epochs over mini-batches of `trees` (this rank's part of the batch); returns metrics, reduced over
+    ranks. The caller steps the lr scheduler."""
     model.train()
     t = cfg.train
-    per_mini = t.mini_batch_prompts
+    world = D.world_size()
+    per_mini = t.mini_batch_prompts // world
     minis = [trees[i:i + per_mini] for i in range(0, len(trees), per_mini)]
     mode = "hard" if cfg.algo.attribution == "hard" else "soft"
     sums: dict = defaultdict(float)
-    sums["gap_max"] = 0.0
+    gap_max = 0.0
     norms, steps = [], 0
     clip = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else math.inf
     for epoch in range(cfg.algo.ppo_epochs):
         for mi, mini in enumerate(minis):
             full = pack_trees(mini, eps=cfg.algo.adv_eps)
-            if full.targets.numel() == 0:
+            if D.sum_across_ranks([full.targets.numel()])[0] == 0:
                 continue
-            weights = full.loss_weights(mode, cfg.algo.aggregation)
+            weights = D.global_loss_weights(full, mode, cfg.algo.aggregation)
             optimizer.zero_grad(set_to_none=True)
+            groups = micro_batches(mini, t.micro_batch_tokens)
             k = 0
-            for group in micro_batches(mini, t.micro_batch_tokens):
-                micro = pack_trees(group, eps=cfg.algo.adv_eps).to(model.device)
-                n = micro.targets.numel()
+            for i in range(int(D.max_across_ranks(len(groups)))):
+                micro = pack_trees(groups[i], eps=cfg.algo.adv_eps).to(model.device) if i < len(groups) else None
+                n = micro.targets.numel() if micro is not None else 0
                 if n:
-                    _micro_step(model, ref_model, micro, _slice(weights, k, k + n, model.device), cfg,
-                                epoch == 0 and mi == 0, sums)
+                    w = _slice(weights, k, k + n, model.device)
+                    gap_max = max(gap_max, _micro_step(model, ref_model, micro, w, cfg, epoch == 0 and mi == 0, sums))
+                elif world > 1:
+                    D.idle_micro_step(model, ref_model if cfg.algo.kl_coef > 0 else None)
                 k += n
-            norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip)))
+            norms.append(D.clip_grad_norm(model, clip))
             optimizer.step()
             steps += 1
     model.eval()
+    # the same keys on every rank (a rank may have had no loss token), and whether any rank had each
+    totals = D.sum_across_ranks([sums.get(k, 0.0) for k in SUM_KEYS] + [float(k in sums) for k in SUM_KEYS])
+    present = {k for k, p in zip(SUM_KEYS, totals[len(SUM_KEYS):]) if p}
+    sums = dict(zip(SUM_KEYS, totals))
     n = max(sums["count"], 1.0)
     out = {"loss": sums["loss"] / max(steps, 1), "grad_norm": sum(norms) / max(len(norms), 1),
            "optimizer_steps": steps}
-    for key in ("clip_frac", "dual_clip_frac", "approx_kl", "entropy", "kl"):
-        if key in sums:
+    for key in METRIC_KEYS:
+        if key in present:
             out[f"update/{key}"] = sums[key] / n
     if sums["gap_n"]:
         out["logprob_gap/mean_abs"] = sums["gap_sum"] / sums["gap_n"]
-        out["logprob_gap/max_abs"] = sums["gap_max"]
+        out["logprob_gap/max_abs"] = D.max_across_ranks(gap_max)
     return out
