@@ -4,7 +4,9 @@ Policy: `arpo.rollout.toy_policy.tool_chain_policy("python")`, a Qwen2 of the em
 4 layers; hidden 512, 8 layers on CUDA) whose weights encode a character chain that keeps writing
 `<python>12*3+4</python>` calls — an untrained model never closes a tag, so this scripted-but-real model is what
 makes tool calls, pauses, probes and branching happen. Tools: the real Python sandbox (result cache off, output cut to 400 characters).
-Prompts: embedded arithmetic questions. What is measured, per rollout of all prompts (M leaves each):
+Prompts: embedded arithmetic questions, bare (~16 tokens) or behind an instruction preamble of `instructions`
+tokens — agent prompts carry their tool instructions (the reference's template is several hundred tokens), and
+that shared prefix is what the re-prefill way computes again for every global sample and branch. What is measured, per rollout of all prompts (M leaves each):
 
 - `tree-fork`: ARPO on our engine — prompt prefilled once, branches forked (shared blocks, zero re-prefill).
 - `tree-reprefill` (baseline): the same trees produced the reference's way — every global sample and every
@@ -32,19 +34,38 @@ class Case:
     initial: int
     max_response_tokens: int
     device: str
+    instructions: int = 0  # tokens of tool instructions before each question
 
     @property
     def label(self) -> str:
-        return f"rollout {self.prompts}p M={self.leaves} N={self.initial} cap={self.max_response_tokens}"
+        more = f" instructions={self.instructions}" if self.instructions else ""
+        return f"rollout {self.prompts}p M={self.leaves} N={self.initial} cap={self.max_response_tokens}{more}"
 
     def extra(self) -> dict:
-        return {"prompts": self.prompts, "leaves": self.leaves, "initial": self.initial}
+        return {"prompts": self.prompts, "leaves": self.leaves, "initial": self.initial,
+                "instructions": self.instructions}
 
 
 def cases(device: str, quick: bool) -> list[Case]:
     if quick:
         return [Case(2, 8, 4, 384, device)]
-    return [Case(4, 16, 8, 512, device), Case(8, 16, 8, 512, device)]
+    return [Case(4, 16, 8, 512, device), Case(4, 16, 8, 512, device, instructions=512),
+            Case(8, 16, 8, 512, device)]
+
+
+INSTRUCTIONS = ("you are a careful assistant. to compute something, write python code inside the python tag and "
+                "print the value; the output comes back inside the result tag. then give the final answer inside "
+                "the answer tag, with nothing else. ")
+
+
+def instruction_prompts(examples: list, tokens: int) -> list:
+    """`examples` behind a preamble of exactly `tokens` characters (= tokens of the character tokenizer)."""
+    from dataclasses import replace
+
+    if not tokens:
+        return examples
+    text = (INSTRUCTIONS * (tokens // len(INSTRUCTIONS) + 1))[:tokens - 1] + "\n"
+    return [replace(ex, prompt=text + ex.prompt) for ex in examples]
 
 
 _POLICY: dict = {}
@@ -76,7 +97,7 @@ def make_rollout(case: Case, mode: str, prefix_mode: str, sync_tools: bool):
     cfg = RolloutConfig(mode=mode, leaves=case.leaves, initial=case.initial, prefix_mode=prefix_mode,
                         sync_tools=sync_tools, max_response_tokens=case.max_response_tokens)
     rollout = TreeRollout(engine, tools, cfg, embedded_reward)
-    prompts = embedded_examples(case.prompts, seed=3)
+    prompts = instruction_prompts(embedded_examples(case.prompts, seed=3), case.instructions)
 
     def run():
         trees = rollout.run(prompts, seed=0)
