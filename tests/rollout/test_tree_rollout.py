@@ -14,14 +14,15 @@ from rollout_helpers import PROMPTS, FailingTool, HangingTool, make_engine, make
 K = 5
 
 
-def _run(policy, tool=None, engine_kw=None, tools_kw=None, brancher=None, prompts=PROMPTS, seed=0, **cfg):
+def _run(policy, tool=None, engine_kw=None, tools_kw=None, brancher=None, prompts=PROMPTS, seed=0,
+         seed_indices=None, **cfg):
     cfg = {"leaves": 8, "initial": 4, "probe_tokens": K, "max_response_tokens": 120, **cfg}
     engine = make_engine(policy, **(engine_kw or {}))
     tools = make_tools(tool, **(tools_kw or {}))
     ro = TreeRollout(engine, tools, RolloutConfig(**cfg), reward_fn=lambda text, gt, **row: float(len(text) % 3),
                      brancher=brancher)
     try:
-        trees = ro.run(prompts, seed=seed)
+        trees = ro.run(prompts, seed=seed, seed_indices=seed_indices)
     finally:
         tools.close()
     for t in trees:
@@ -227,6 +228,25 @@ def test_same_seed_same_trees(policy):
     c = [t.to_json() for t in _run(policy, sync_tools=True, seed=6)[0]]
     assert a == b and a != c
     assert all(RolloutTree.from_json(s).to_json() == s for s in a)
+
+
+def _shape(tree: RolloutTree) -> list:
+    return [(s.parent, s.token_ids, s.loss_mask) for s in tree.segments]
+
+
+def test_seed_indices_make_a_prompts_tree_independent_of_its_batch(policy):
+    """What a data-parallel rank relies on: a prompt keyed by its place in the global batch grows the same tree
+    alone as among the others (and a different key gives a different tree). Log-probs agree to float rounding:
+    a batch of one runs other matmul shapes."""
+    both = _run(policy, sync_tools=True, seed=5)[0][1]
+    alone = _run(policy, sync_tools=True, seed=5, prompts=PROMPTS[1:2], seed_indices=[1])[0][0]
+    assert _shape(alone) == _shape(both)
+    for a, b in zip(alone.segments, both.segments):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+    moved = _run(policy, sync_tools=True, seed=5, prompts=PROMPTS[1:2], seed_indices=[7])[0][0]
+    assert _shape(moved) != _shape(both)
+    with pytest.raises(ValueError, match="seed_indices has 1 entries for 2 prompts"):
+        _run(policy, seed_indices=[0])
 
 
 def test_resubmit_mode_builds_the_same_tree_with_more_prefill(policy):
