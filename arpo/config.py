@@ -212,6 +212,9 @@ class SftSection:
     max_tokens: int = opt(4096, "traces longer than this are truncated", gt=0)
     stop_loss: Optional[float] = opt(None, "stop SFT once the running loss (EMA over ~20 steps, after >= 50 steps) "
                                            "is below this; null = run all sft.steps", gt=0)
+    stop_accuracy: Optional[float] = opt(None, "stop SFT once the running share of training traces that greedy "
+                                               "decoding reproduces (teacher-forced argmax; EMA over ~20 steps, "
+                                               "after >= 50 steps) reaches this; null = off", gt=0, le=1)
 
 
 @dataclass

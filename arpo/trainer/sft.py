@@ -10,6 +10,8 @@ Traces: the embedded task's demonstrations (`arpo.data.demo_segments`), or `sft.
 are masked automatically. Batches are packed end to end (varlen attention, no padding); the log-likelihood goes
 through the fused `linear_logprobs_entropy`, never materialising [tokens, vocab] logits. The optimiser is AdamW
 with sft.lr, optim.weight_decay and optim.grad_clip, and PyTorch's default betas (optim.betas are the RL's).
+Where to stop: `sft.stop_accuracy` (the running share of training traces that greedy decoding would reproduce)
+or `sft.stop_loss`, else all `sft.steps`.
 """
 from __future__ import annotations
 
@@ -91,14 +93,16 @@ def autocast(device: torch.device, enabled: bool):
     return contextlib.nullcontext()
 
 
-def packed_nll(model, batch: list[tuple[list[int], list[int]]], bf16: bool = True) -> tuple[torch.Tensor, int]:
-    """Mean NLL over the masked-in next tokens of `batch` packed into one varlen forward; (loss, tokens)."""
+def packed_nll(model, batch: list[tuple[list[int], list[int]]], bf16: bool = True, seq_acc: bool = False):
+    """Mean NLL over the masked-in next tokens of `batch` packed into one varlen forward; (loss, tokens), plus
+    with `seq_acc` the fraction of sequences whose every trainable token is the argmax (teacher forced: for
+    demonstrations whose untrained spans are deterministic tool results, the share greedy decoding reproduces)."""
     from arpo.model import AttentionContext
     from arpo_kernels import linear_logprobs_entropy
 
     dev = model.device
-    ids, pos, cu, pred, tgt = [], [], [0], [], []
-    for seq, mask in batch:
+    ids, pos, cu, pred, tgt, owner = [], [], [0], [], [], []
+    for i, (seq, mask) in enumerate(batch):
         base = len(ids)
         ids += seq
         pos += range(len(seq))
@@ -107,6 +111,7 @@ def packed_nll(model, batch: list[tuple[list[int], list[int]]], bf16: bool = Tru
             if mask[j]:
                 pred.append(base + j - 1)
                 tgt.append(seq[j])
+                owner.append(i)
     if not tgt:
         raise DataError("an SFT batch has no trainable tokens (all masked or cut by sft.max_tokens)")
     t = lambda x, dt=torch.long: torch.tensor(x, dtype=dt, device=dev)  # noqa: E731
@@ -116,15 +121,37 @@ def packed_nll(model, batch: list[tuple[list[int], list[int]]], bf16: bool = Tru
     w = model.lm_head_weight
     h = hidden.index_select(0, t(pred)).to(w.dtype)
     logp, _ = linear_logprobs_entropy(h, w, t(tgt))
-    return -logp.mean(), len(tgt)
+    if not seq_acc:
+        return -logp.mean(), len(tgt)
+    return -logp.mean(), len(tgt), _sequence_accuracy(h.detach(), w.detach(), t(tgt), t(owner), len(batch))
 
 
-def run_sft(model, tokenizer, cfg, logger=None, progress: bool = True, stop_loss: float | None = None) -> dict:
+@torch.no_grad()
+def _sequence_accuracy(h: torch.Tensor, w: torch.Tensor, tgt: torch.Tensor, owner: torch.Tensor, n_seq: int,
+                       chunk: int = 2048) -> float:
+    """Share of sequences with argmax == target at all their trainable positions (logits in row chunks)."""
+    wrong = torch.zeros(n_seq, dtype=torch.long, device=h.device)
+    for a in range(0, h.shape[0], chunk):
+        miss = (h[a:a + chunk].float() @ w.float().T).argmax(-1) != tgt[a:a + chunk]
+        wrong.index_add_(0, owner[a:a + chunk], miss.long())
+    has = torch.zeros_like(wrong).index_add_(0, owner, torch.ones_like(owner))
+    return ((wrong == 0) & (has > 0)).sum().item() / max(int((has > 0).sum()), 1)
+
+
+def run_sft(model, tokenizer, cfg, logger=None, progress: bool = True, stop_loss: float | None = None,
+            stop_accuracy: float | None = None) -> dict:
     """Up to `sft.steps` AdamW steps on the traces; returns the last step's metrics (plus `steps`). The model
-    trains in place. `stop_loss` ends it early once the running loss (an EMA over ~20 steps, after at least
-    50 steps) falls below it: a cold start that stops where the format is learnt, not at a fixed step count
-    whose outcome varies from seed to seed."""
+    trains in place. Early stops, checked on running means (EMAs over ~20 steps) after at least 50 steps:
+    `stop_loss` once the loss falls below it; `stop_accuracy` (default `sft.stop_accuracy` when the config has
+    it) once the greedy sequence accuracy of the training batches (`packed_nll(seq_acc=True)`: the share of
+    traces whose every trained token is the argmax) reaches it. Either gives a cold start that stops at a level
+    rather than at a fixed step count, whose outcome varies from seed to seed; the accuracy is the steadier of the
+    two (the mean token loss of a copying model says little about whether whole answers come out right)."""
     s = cfg.sft
+    if stop_accuracy is None:
+        stop_accuracy = getattr(s, "stop_accuracy", None)
+    if stop_accuracy is not None and not 0.0 < stop_accuracy <= 1.0:
+        raise ValueError(f"sft.stop_accuracy must be in (0, 1], got {stop_accuracy}")
     traces = [tokenize_trace(tokenizer, tr, cfg.data, s.max_tokens) for tr in load_traces(cfg)]
     sampler = PromptSampler(traces, s.batch_size, cfg.train.seed, shuffle=True)
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=cfg.optim.weight_decay)  # default betas
@@ -132,11 +159,12 @@ def run_sft(model, tokenizer, cfg, logger=None, progress: bool = True, stop_loss
     bar = _bar(s.steps, "sft", progress)
     last: dict = {}
     t_start = time.perf_counter()
-    ema = None
+    ema = ema_acc = None
     done = 0
     for step in range(s.steps):
         t0 = time.perf_counter()
-        loss, n_tok = packed_nll(model, sampler.batch(step), cfg.train.bf16)
+        out = packed_nll(model, sampler.batch(step), cfg.train.bf16, seq_acc=stop_accuracy is not None)
+        loss, n_tok = out[0], out[1]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else math.inf
@@ -145,6 +173,8 @@ def run_sft(model, tokenizer, cfg, logger=None, progress: bool = True, stop_loss
         dt = time.perf_counter() - t0
         last = {"loss": loss.item(), "grad_norm": float(gnorm), "tokens_per_s": n_tok / max(dt, 1e-9),
                 "lr": s.lr, "time/update": dt}
+        if stop_accuracy is not None:
+            last["seq_accuracy"] = out[2]
         if logger is not None:
             logger.log(step + 1, last)
         if bar is not None:
@@ -152,7 +182,10 @@ def run_sft(model, tokenizer, cfg, logger=None, progress: bool = True, stop_loss
             bar.set_postfix_str(f"loss={last['loss']:.3f}")
         done = step + 1
         ema = last["loss"] if ema is None else 0.9 * ema + 0.1 * last["loss"]
-        if stop_loss is not None and done >= 50 and ema < stop_loss:
+        if stop_accuracy is not None:
+            ema_acc = out[2] if ema_acc is None else 0.9 * ema_acc + 0.1 * out[2]
+        if done >= 50 and ((stop_loss is not None and ema < stop_loss)
+                           or (stop_accuracy is not None and ema_acc >= stop_accuracy)):
             break
     if bar is not None:
         bar.close()

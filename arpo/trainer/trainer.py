@@ -10,7 +10,8 @@ One step (1-based `step`):
 3. rewards come with the leaves; `policy_update` packs the trees, normalises advantages per prompt, applies the
    segmented PPO loss (soft or hard attribution) in mini-batches and steps AdamW; the lr scheduler steps;
 4. metrics go to metrics.jsonl / TensorBoard / W&B: reward, accuracy (leaves with reward 1), format_ok, entropy
-   (sampler, per sampled token), tool_calls_per_leaf, branch_rate (branches per tool call), leaves,
+   (sampler, per sampled token), tool_calls_per_leaf, tool_executions_per_leaf (calls actually run: a branch
+   forked after a result shares its parent's), branch_rate (branches per tool call), leaves,
    mixed_groups (prompts whose leaves got different rewards — the others give zero advantage), tokens_per_s,
    packed_tokens / packing_saving (tree packing vs one row per leaf), time/rollout, time/tools, time/update,
    loss, grad_norm, lr, update/* (clip fractions, approx_kl, trainer entropy, kl) and logprob_gap/* (sampler vs
@@ -91,6 +92,7 @@ def rollout_metrics(trees: list, stats: dict) -> dict:
         "format_ok": g["format_ok"] / n,
         "entropy": g["ent_sum"] / max(g["ent_n"], 1),
         "tool_calls_per_leaf": g["calls"] / n,
+        "tool_executions_per_leaf": g["engine_calls"] / n,  # calls actually run: a branch shares its parent's
         "branch_rate": g["branches"] / max(g["engine_calls"], 1),
         "leaves": int(g["leaves"]),
         "mixed_groups": g["mixed"] / max(g["trees"], 1),
@@ -201,9 +203,11 @@ class Trainer:
         from arpo.trainer.sft import run_sft
 
         self.model, self.tokenizer = load_policy(base, self.cfg.model)
-        stop = getattr(self.cfg.sft, "stop_loss", None)
+        stop, stop_acc = self.cfg.sft.stop_loss, self.cfg.sft.stop_accuracy
+        until = ([f"the loss is below {stop:g}"] if stop else []) + (
+            [f"greedy decoding reproduces {100 * stop_acc:g}% of the traces"] if stop_acc else [])
         self.echo(f"cold start: up to {self.cfg.sft.steps} SFT steps on the demonstrations"
-                  + (f" (until the loss is below {stop:g})" if stop else ""))
+                  + (f" (until {' or '.join(until)})" if until else ""))
         with MetricsLogger(os.path.join(self.run_dir, "sft")) as logger:
             self.sft_summary = run_sft(self.model, self.tokenizer, self.cfg, logger, progress=self.progress,
                                        stop_loss=stop)

@@ -113,6 +113,26 @@ def test_packed_nll_equals_per_sequence_mean(tok):
     torch.testing.assert_close(loss, torch.stack(want).mean(), rtol=1e-5, atol=1e-6)
 
 
+def test_packed_sequence_accuracy_equals_per_sequence_argmax(tok):
+    model = _tiny_model(seed=3)
+    batch = [([1, 5, 6, 7, 8], [0, 0, 1, 1, 1]), ([1, 9, 10], [0, 1, 0]), ([1, 11, 12, 13], [0, 0, 0, 1]),
+             ([1, 14, 15], [0, 0, 0])]  # the last has nothing to predict: it does not count
+    hits = []
+    for ids, mask in batch:
+        argmax = model.compute_logits(model(torch.tensor(ids), torch.arange(len(ids)))).argmax(-1)
+        hit = [int(argmax[j - 1]) == ids[j] for j in range(1, len(ids)) if mask[j]]
+        if hit:
+            hits.append(all(hit))
+    loss, n, acc = packed_nll(model, batch, seq_acc=True)
+    assert acc == pytest.approx(sum(hits) / len(hits))
+    torch.testing.assert_close(loss, packed_nll(model, batch)[0])
+    # a target that is the argmax everywhere scores 1: build it from the model's own greedy choices
+    ids = [1, 5]
+    for _ in range(4):
+        ids.append(int(model.compute_logits(model(torch.tensor(ids), torch.arange(len(ids))))[-1].argmax()))
+    assert packed_nll(model, [(ids, [0, 0, 1, 1, 1, 1])], seq_acc=True)[2] == 1.0
+
+
 # ---------------------------------------------------------------------------------------------------- update
 def test_micro_batches_accumulate_to_the_whole_minibatch_gradient():
     trees = [random_tree(s, vocab=54, n_leaves=4, seg_len=(1, 6)) for s in range(4)]
@@ -162,14 +182,38 @@ def test_bf16_parameters_get_fp32_master_weights():
     assert torch.equal(fresh.norm.weight, w)
 
 
-def test_sft_stops_early_at_the_loss_target(tmp_path):
+def _tiny_sft_setup(tmp_path, *extra: str):
+    """(model, tokenizer, config) of a one-layer embedded model and a 60-step SFT config."""
     from arpo.trainer.embedded import base_model_path, load_policy
-    from arpo.trainer.sft import run_sft
 
     over = ["model.embedded_hidden_size=32", "model.embedded_layers=1", "model.embedded_intermediate_size=48",
-            "model.device=cpu", f"train.run_dir={tmp_path}", "sft.steps=60", "sft.batch_size=2",
-            "data.embedded_train_size=8", "sft.max_tokens=24"]
+            "model.device=cpu", f"train.run_dir={tmp_path}", "sft.steps=60", "sft.batch_size=2", *extra]
     cfg = load_config(None, over)
     model, tok = load_policy(base_model_path(cfg), cfg.model)
+    return model, tok, cfg
+
+
+def test_sft_stops_early_at_the_loss_target(tmp_path):
+    from arpo.trainer.sft import run_sft
+
+    model, tok, cfg = _tiny_sft_setup(tmp_path, "data.embedded_train_size=8", "sft.max_tokens=24",
+                                      "sft.stop_accuracy=null")
     assert run_sft(model, tok, cfg, progress=False, stop_loss=100.0)["steps"] == 50  # met at once: 50-step minimum
     assert run_sft(model, tok, cfg, progress=False, stop_loss=None)["steps"] == 60
+    with pytest.raises(ValueError, match="stop_accuracy"):
+        run_sft(model, tok, cfg, progress=False, stop_accuracy=1.5)
+
+
+def test_sft_stops_early_at_the_sequence_accuracy_target(tmp_path):
+    from arpo.trainer.metrics import MetricsLogger, read_metrics
+    from arpo.trainer.sft import run_sft
+
+    model, tok, cfg = _tiny_sft_setup(tmp_path, "data.embedded_train_size=2", "sft.max_tokens=16", "sft.lr=3e-2")
+    with MetricsLogger(str(tmp_path / "sft")) as logger:
+        out = run_sft(model, tok, cfg, logger, progress=False, stop_accuracy=0.5)
+    rows = read_metrics(str(tmp_path / "sft"))
+    assert len(rows) == out["steps"] and all(0.0 <= r["seq_accuracy"] <= 1.0 for r in rows)
+    ema = 0.0
+    for i, r in enumerate(rows):  # it stopped at the first step (>= 50) whose running accuracy reached 0.5
+        ema = r["seq_accuracy"] if i == 0 else 0.9 * ema + 0.1 * r["seq_accuracy"]
+        assert (i + 1 >= 50 and ema >= 0.5) == (i + 1 == len(rows))
