@@ -67,19 +67,36 @@ def _read_status_kb(key: str) -> int | None:
     return None
 
 
-def _fix_malloc_thresholds() -> None:
-    """Make glibc return large freed blocks to the OS at once, so that RSS tracks live memory on the CPU."""
+def _libc():
     try:
         import ctypes
 
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: fixed, so the dynamic threshold never grows
-        libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+
+
+def _malloc_for_memory(on: bool) -> None:
+    """glibc tuning per measurement. Memory: large blocks are mmapped and returned at once (and the heap trimmed
+    first), so that RSS tracks live memory. Timing: large thresholds, so that freed blocks are reused — with a
+    128 KiB mmap threshold every mid-size tensor is a fresh mmap whose pages fault in again, which slowed
+    allocation-heavy code (a decode step) by up to 2x and distorted the comparisons."""
+    if _LIBC is None:
+        return
+    try:
+        if on:
+            _LIBC.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+            _LIBC.mallopt(M_TRIM_THRESHOLD, 128 * 1024)
+            _LIBC.malloc_trim(0)
+        else:
+            _LIBC.mallopt(M_MMAP_THRESHOLD, 32 * 1024 * 1024)  # glibc's ceiling for its dynamic threshold
+            _LIBC.mallopt(M_TRIM_THRESHOLD, 256 * 1024 * 1024)
+    except AttributeError:
         pass
-
-
-_fix_malloc_thresholds()
 
 
 def _reset_cpu_peak() -> bool:
@@ -104,18 +121,23 @@ def peak_extra_mb(fn: Callable[[], object], device: str) -> float | None:
         peak = torch.cuda.max_memory_allocated() - base
         del out
         return peak / 2**20
-    if not _reset_cpu_peak():
-        return None
-    base = _read_status_kb("VmRSS")
-    out = fn()
-    peak = _read_status_kb("VmHWM")
-    del out
+    _malloc_for_memory(True)
+    try:
+        if not _reset_cpu_peak():
+            return None
+        base = _read_status_kb("VmRSS")
+        out = fn()
+        peak = _read_status_kb("VmHWM")
+        del out
+    finally:
+        _malloc_for_memory(False)
     if base is None or peak is None:
         return None
     return max(peak - base, 0) / 1024
 
 
 def time_ms(fn: Callable[[], object], device: str, warmup: int = 2, reps: int = 5) -> float:
+    _malloc_for_memory(False)
     for _ in range(warmup):
         fn()
     _sync(device)
