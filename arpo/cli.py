@@ -173,12 +173,12 @@ def _cmd_sft(args: argparse.Namespace) -> int:
         model, tok = load_policy(base_model_path(cfg), cfg.model)
         out = args.out or os.path.join(cfg.train.run_dir, SFT_MODEL_DIR)
         with MetricsLogger(os.path.join(cfg.train.run_dir, "sft")) as logger:
-            last = run_sft(model, tok, cfg, logger, progress=cfg.log.progress_bar, stop_loss=cfg.sft.stop_loss)
+            last = run_sft(model, tok, cfg, logger, progress=cfg.log.progress_bar)
     except _user_errors() as exc:
         return _fail(exc)
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    print(f"SFT: {cfg.sft.steps} steps, final loss {last['loss']:.4f}, {last['wall_s']:.0f} s; model: {out}")
+    print(f"SFT: {last['steps']} steps, final loss {last['loss']:.4f}, {last['wall_s']:.0f} s; model: {out}")
     print(f"evaluate it with: arpo eval {out}")
     return 0
 

@@ -151,6 +151,17 @@ class MetricsLogger:
         self.close()
 
 
+def progress_bar(total: int, desc: str, enabled: bool, initial: int = 0):
+    """A tqdm bar over steps, or None when disabled or tqdm is missing (callers then print lines)."""
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)
+
+
 def _si(value: float) -> str:
     for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(value) >= div:

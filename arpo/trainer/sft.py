@@ -24,6 +24,7 @@ import time
 import torch
 
 from arpo.trainer.data import DataError, PromptSampler, encode_prompt
+from arpo.trainer.metrics import progress_bar
 
 _RESULT_SPAN = re.compile(r"( <result>\n.*?\n</result>)", re.S)
 
@@ -142,21 +143,21 @@ def run_sft(model, tokenizer, cfg, logger=None, progress: bool = True, stop_loss
             stop_accuracy: float | None = None) -> dict:
     """Up to `sft.steps` AdamW steps on the traces; returns the last step's metrics (plus `steps`). The model
     trains in place. Early stops, checked on running means (EMAs over ~20 steps) after at least 50 steps:
-    `stop_loss` once the loss falls below it; `stop_accuracy` (default `sft.stop_accuracy` when the config has
-    it) once the greedy sequence accuracy of the training batches (`packed_nll(seq_acc=True)`: the share of
-    traces whose every trained token is the argmax) reaches it. Either gives a cold start that stops at a level
+    `stop_loss` (default `sft.stop_loss`) once the loss falls below it; `stop_accuracy` (default
+    `sft.stop_accuracy`) once the greedy sequence accuracy of the training batches (`packed_nll(seq_acc=True)`:
+    the share of traces whose every trained token is the argmax) reaches it. Either gives a cold start that stops at a level
     rather than at a fixed step count, whose outcome varies from seed to seed; the accuracy is the steadier of the
     two (the mean token loss of a copying model says little about whether whole answers come out right)."""
     s = cfg.sft
-    if stop_accuracy is None:
-        stop_accuracy = getattr(s, "stop_accuracy", None)
+    stop_loss = s.stop_loss if stop_loss is None else stop_loss
+    stop_accuracy = s.stop_accuracy if stop_accuracy is None else stop_accuracy
     if stop_accuracy is not None and not 0.0 < stop_accuracy <= 1.0:
         raise ValueError(f"sft.stop_accuracy must be in (0, 1], got {stop_accuracy}")
     traces = [tokenize_trace(tokenizer, tr, cfg.data, s.max_tokens) for tr in load_traces(cfg)]
     sampler = PromptSampler(traces, s.batch_size, cfg.train.seed, shuffle=True)
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=cfg.optim.weight_decay)  # default betas
     model.train()
-    bar = _bar(s.steps, "sft", progress)
+    bar = progress_bar(s.steps, "sft", progress)
     last: dict = {}
     t_start = time.perf_counter()
     ema = ema_acc = None
@@ -192,13 +193,3 @@ def run_sft(model, tokenizer, cfg, logger=None, progress: bool = True, stop_loss
     model.eval()
     last.update(wall_s=time.perf_counter() - t_start, steps=done)
     return last
-
-
-def _bar(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)

@@ -48,7 +48,7 @@ from arpo.trainer.data import PromptSampler, eval_rows, prompt_inputs, train_row
 from arpo.trainer import dist_checkpoint as dcp_lib
 from arpo.trainer.embedded import base_model_path, load_policy, policy_dtype
 from arpo.trainer.evaluate import evaluate, is_correct
-from arpo.trainer.metrics import MetricsLogger, progress_postfix
+from arpo.trainer.metrics import MetricsLogger, progress_bar, progress_postfix
 from arpo.trainer.schedule import MasterWeightAdamW, build_optimizer
 from arpo.trainer.update import policy_update
 
@@ -130,6 +130,7 @@ class Trainer:
             self.start_model = ck.state.get("start_model", self.resume_path)
             masters = (ck.optimizer or {}).get("master_params") if not dcp_lib.has_sharded(self.resume_path) \
                 else None
+            self.decode_dtype = policy_dtype(self.resume_path, cfg.model)
             self.model, self.tokenizer = self._load(self.resume_path, masters)
         else:  # a cold start is trained by rank 0 alone; the others wait for its directory
             self.start_model = self._start_model() if self.main else None
@@ -163,7 +164,6 @@ class Trainer:
         """(model, tokenizer) from `path`. Sharded runs keep fp32 master shards and gather the weights in the
         configured dtype (FSDP2 mixed precision) — the single-process trainer's MasterWeightAdamW, distributed;
         `masters`: that optimiser's saved fp32 weights, which replace the checkpoint's rounded ones."""
-        self.decode_dtype = policy_dtype(path, self.cfg.model)
         if not self.sharded:
             return load_policy(path, self.cfg.model)
         model, tokenizer = load_policy(path, self.cfg.model, dtype=torch.float32)
@@ -209,8 +209,7 @@ class Trainer:
         self.echo(f"cold start: up to {self.cfg.sft.steps} SFT steps on the demonstrations"
                   + (f" (until {' or '.join(until)})" if until else ""))
         with MetricsLogger(os.path.join(self.run_dir, "sft")) as logger:
-            self.sft_summary = run_sft(self.model, self.tokenizer, self.cfg, logger, progress=self.progress,
-                                       stop_loss=stop)
+            self.sft_summary = run_sft(self.model, self.tokenizer, self.cfg, logger, progress=self.progress)
         self.echo(f"cold start: {self.sft_summary['steps']} steps, loss {self.sft_summary['loss']:.3f}")
         tmp = f"{out}.tmp-{os.getpid()}"
         self.model.save_pretrained(tmp)
@@ -273,7 +272,7 @@ class Trainer:
         if self.sft_summary is not None:
             summary["sft"] = self.sft_summary
         t_start = time.perf_counter()
-        bar = _bar(t.steps, self.start_step, self.progress)
+        bar = progress_bar(t.steps, "arpo", self.progress, initial=self.start_step)
         last: dict = {}
         path = None
         try:
@@ -332,13 +331,3 @@ def _eval_line(m: dict) -> str:
     extra = f" {passes[0][5:]}={100 * m[passes[0]]:.1f}%" if passes and not passes[0].endswith("@1") else ""
     return (f"accuracy={100 * m['eval/accuracy']:.1f}%{extra} tool_calls={m['eval/tool_calls']:.2f} "
             f"format_ok={100 * m['eval/format_ok']:.1f}%")
-
-
-def _bar(total: int, initial: int, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, initial=initial, desc="arpo", unit="step", dynamic_ncols=True)
