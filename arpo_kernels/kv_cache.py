@@ -128,9 +128,13 @@ def store_kv_reference(k, v, k_cache, v_cache, slot_mapping) -> None:
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """Write `k`, `v` `[T, num_kv_heads, head_dim]` into cache slots `slot_mapping` `[T]` (slot < 0: skip)."""
-    _check_store(k, v, k_cache, v_cache, slot_mapping)
+             slot_mapping: torch.Tensor, *, validate: bool = True) -> None:
+    """Write `k`, `v` `[T, num_kv_heads, head_dim]` into cache slots `slot_mapping` `[T]` (slot < 0: skip).
+
+    `validate=False` skips the checks: for a caller that validated the batch once for all layers (the model does,
+    in `AttentionContext.check`)."""
+    if validate:
+        _check_store(k, v, k_cache, v_cache, slot_mapping)
     (_store_kv_triton if use_triton(k_cache) else store_kv_reference)(k, v, k_cache, v_cache, slot_mapping)
 
 

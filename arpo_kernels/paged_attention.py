@@ -17,7 +17,8 @@ int32 (>= 1). GQA: query head h uses KV head h // (Hq // Hkv).
   KV head); a tile's rows are (token, group member) pairs. Serves chunked prefill and `extend` alike.
 
 Inference only (no autograd). The `*_reference` functions are the plain-PyTorch definitions (fp32 math) the tests
-compare with; the CPU path runs the prefill reference, and for decode the same gather-and-mask followed by SDPA.
+compare with. The CPU path gathers whole blocks and runs SDPA, batched over sequences (decodes as one batch,
+prefill chunks as another, padded); `plan_torch` does a batch's index work once for all layers.
 Triton's interpreter cannot compute in bfloat16, so under TRITON_INTERPRET=1 tiles are upcast to fp32 before
 `tl.dot` (the GPU keeps bf16/fp16 tensor-core dots with fp32 accumulation).
 """
@@ -222,6 +223,30 @@ def _check_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens
     return hkv_group
 
 
+def check_paged_batch(kv_caches, slot_mapping, block_tables, context_lens, cu_seqlens_q, dtype: torch.dtype,
+                      num_kv_heads: int, head_dim: int) -> None:
+    """Everything the per-layer store/attention checks would find, checked once for a whole forward: every
+    layer's caches (shape, dtype, contiguity), the slot mapping (in range), block tables, lengths, chunk bounds."""
+    from arpo_kernels.kv_cache import _check_store
+
+    rows = slot_mapping.shape[0]
+    probe = torch.empty(rows, num_kv_heads, head_dim, dtype=dtype, device=slot_mapping.device)
+    first = kv_caches[0][0]
+    for layer, pair in enumerate(kv_caches):
+        for name, cache in zip(("k_cache", "v_cache"), pair):
+            check_cache(f"layer {layer} {name}", cache)
+            if cache.shape != first.shape or cache.dtype != first.dtype or cache.device != first.device:
+                raise ValueError(f"layer {layer} {name} is {tuple(cache.shape)}/{cache.dtype}/{cache.device}, "
+                                 f"layer 0's k_cache {tuple(first.shape)}/{first.dtype}/{first.device}")
+    _check_store(probe, probe, first, kv_caches[0][1], slot_mapping)  # slots in range (a free check on the CPU)
+    if cu_seqlens_q is None:
+        _check(probe, first, kv_caches[0][1], block_tables, context_lens)
+    else:
+        _check_prefill(probe, first, kv_caches[0][1], block_tables, cu_seqlens_q, context_lens)
+        if first.device.type == "cpu":
+            _check_chunks_fit(cu_seqlens_q, context_lens)
+
+
 def _unit_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
@@ -328,22 +353,115 @@ def paged_decode_attention_reference(q, k_cache, v_cache, block_tables, context_
     return torch.einsum("bhgl,blhd->bhgd", p, v).reshape(bsz, hq, d).to(q.dtype)
 
 
-def _decode_torch(q, k_cache, v_cache, block_tables, context_lens, scale):
-    """The CPU path: gather whole blocks (one index per block, not per token) and let SDPA do the masked
-    attention. Table entries past a sequence's length may be garbage: they are clamped and masked out."""
-    _check(q, k_cache, v_cache, block_tables, context_lens)
-    bsz = q.shape[0]
-    num_blocks, block_size, hkv, d = k_cache.shape
-    width = block_tables.shape[1]
-    idx = block_tables.long().clamp(0, num_blocks - 1).reshape(-1)
-    k = k_cache.index_select(0, idx).view(bsz, width * block_size, hkv, d).transpose(1, 2)  # [B, Hkv, L, D]
-    v = v_cache.index_select(0, idx).view(bsz, width * block_size, hkv, d).transpose(1, 2)
-    valid = torch.arange(width * block_size, device=q.device)[None, :] < context_lens[:, None].long()
+class TorchPlan:
+    """The CPU (PyTorch) path's index work for one batch, shared by every layer of a forward.
+
+    Built from the block tables and lengths once (`plan_torch`), so each layer only gathers and attends. Rows are
+    split into single-token chunks (decodes: one query against its whole context) and multi-token chunks (prefill
+    or `extend`: their queries padded to the longest chunk, causal within their context).
+    """
+
+    def __init__(self, block_tables, context_lens, cu_seqlens_q, num_blocks: int, block_size: int):
+        dev = block_tables.device
+        self.block_size = block_size
+        tables = block_tables.long().clamp(0, num_blocks - 1)  # entries past a length may be garbage
+        lens = context_lens.long()
+        if cu_seqlens_q is None:  # pure decode
+            single = torch.ones(lens.shape[0], dtype=torch.bool, device=dev)
+            starts = torch.arange(lens.shape[0], device=dev)
+            q_lens = torch.ones_like(lens)
+        else:
+            cu = cu_seqlens_q.long()
+            starts, q_lens = cu[:-1], cu[1:] - cu[:-1]
+            single = q_lens == 1
+        self.all_single = bool(single.all())
+        self.decode = None if not bool(single.any()) else self._decode_part(
+            tables[single], lens[single], None if self.all_single else starts[single])
+        self.multi = None if self.all_single else self._multi_part(tables[~single], lens[~single],
+                                                                   starts[~single], q_lens[~single])
+        self._masks: dict = {}
+
+    def _decode_part(self, tables, lens, rows):
+        width = tables.shape[1]
+        valid = torch.arange(width * self.block_size, device=lens.device)[None, :] < lens[:, None]
+        return {"rows": rows, "idx": tables.reshape(-1), "width": width, "mask": valid[:, None, None, :]}
+
+    def _multi_part(self, tables, lens, starts, q_lens):
+        width = tables.shape[1]
+        q_max = int(q_lens.max())
+        i = torch.arange(q_max, device=lens.device)
+        q_valid = i[None, :] < q_lens[:, None]                                 # [M, Qmax]
+        q_index = torch.where(q_valid, starts[:, None] + i[None, :], 0)  # padding reads row 0
+        q_pos = (lens - q_lens)[:, None] + i[None, :]                          # absolute positions
+        q_pos = torch.minimum(q_pos, (lens - 1)[:, None])                      # padded rows: stay in context
+        keys = torch.arange(width * self.block_size, device=lens.device)
+        allowed = keys[None, None, :] <= q_pos[:, :, None]                     # [M, Qmax, L] causal
+        return {"idx": tables.reshape(-1), "width": width, "q_index": q_index, "q_valid": q_valid,
+                "allowed": allowed, "rows": q_index[q_valid]}
+
+    def multi_mask(self, group: int) -> torch.Tensor:
+        """[M, 1, Qmax * group, L]: query rows ordered (token, group member), as `_gathered_queries` lays them out."""
+        if group not in self._masks:
+            a = self.multi["allowed"]
+            self._masks[group] = a[:, :, None, :].expand(-1, -1, group, -1).reshape(a.shape[0], 1, -1, a.shape[2])
+        return self._masks[group]
+
+
+def plan_torch(k_cache, block_tables, context_lens, cu_seqlens_q=None) -> TorchPlan:
+    """Precompute the CPU path's indices for a batch (pass the plan to every layer's attention call)."""
+    return TorchPlan(block_tables, context_lens, cu_seqlens_q, k_cache.shape[0], k_cache.shape[1])
+
+
+def _gather_blocks(cache, idx, n: int, width: int, block_size: int) -> torch.Tensor:
+    """Whole blocks of n sequences' tables (one index per block, not per token): [n, Hkv, width * block, D]."""
+    hkv, d = cache.shape[2:]
+    return cache.index_select(0, idx).view(n, width * block_size, hkv, d).transpose(1, 2)
+
+
+def _attend_decode(q, k_cache, v_cache, part, block_size: int, scale: float) -> torch.Tensor:
+    n, hq, d = q.shape
+    hkv = k_cache.shape[2]
+    k = _gather_blocks(k_cache, part["idx"], n, part["width"], block_size)
+    v = _gather_blocks(v_cache, part["idx"], n, part["width"], block_size)
     # a KV head's query heads as its query rows: one [group, L] attention per KV head, no K/V repeat
     # (2-3x faster on the CPU than SDPA's enable_gqa with one query row)
-    qg = q.view(bsz, hkv, q.shape[1] // hkv, d)
-    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=valid[:, None, None, :], scale=scale)
-    return out.reshape(bsz, q.shape[1], d)
+    out = F.scaled_dot_product_attention(q.view(n, hkv, hq // hkv, d), k, v, attn_mask=part["mask"], scale=scale)
+    return out.reshape(n, hq, d)
+
+
+def _attend_multi(q, k_cache, v_cache, plan: TorchPlan, scale: float) -> torch.Tensor:
+    part = plan.multi
+    m, q_max = part["q_index"].shape
+    hq, d = q.shape[1:]
+    hkv = k_cache.shape[2]
+    group = hq // hkv
+    k = _gather_blocks(k_cache, part["idx"], m, part["width"], plan.block_size)
+    v = _gather_blocks(v_cache, part["idx"], m, part["width"], plan.block_size)
+    qp = q[part["q_index"]].view(m, q_max, hkv, group, d).permute(0, 2, 1, 3, 4).reshape(m, hkv, q_max * group, d)
+    out = F.scaled_dot_product_attention(qp, k, v, attn_mask=plan.multi_mask(group), scale=scale)
+    out = out.view(m, hkv, q_max, group, d).permute(0, 2, 1, 3, 4).reshape(m, q_max, hq, d)
+    return out[part["q_valid"]]
+
+
+def _decode_torch(q, k_cache, v_cache, block_tables, context_lens, scale, plan=None):
+    """The CPU path: gather whole blocks and let SDPA do the masked attention (see `TorchPlan`)."""
+    plan = plan or plan_torch(k_cache, block_tables, context_lens)
+    return _attend_decode(q, k_cache, v_cache, plan.decode, plan.block_size, scale)
+
+
+def _prefill_torch(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, plan=None):
+    """The CPU path for mixed steps: decode rows batched as in `_decode_torch`, chunks batched and padded."""
+    if q.shape[0] == 0:
+        return torch.empty_like(q)
+    plan = plan or plan_torch(k_cache, block_tables, context_lens, cu_seqlens_q)
+    if plan.all_single:
+        return _attend_decode(q, k_cache, v_cache, plan.decode, plan.block_size, scale)
+    out = torch.empty_like(q)
+    if plan.decode is not None:
+        rows = plan.decode["rows"]
+        out[rows] = _attend_decode(q[rows], k_cache, v_cache, plan.decode, plan.block_size, scale)
+    out[plan.multi["rows"]] = _attend_multi(q, k_cache, v_cache, plan, scale)
+    return out
 
 
 def paged_prefill_attention_reference(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale=None):
@@ -369,25 +487,39 @@ def paged_prefill_attention_reference(q, k_cache, v_cache, block_tables, cu_seql
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale=None, *, num_splits=None,
-                           max_context_len=None) -> torch.Tensor:
+                           max_context_len=None, plan: TorchPlan | None = None) -> torch.Tensor:
     """Attention of one query per sequence `q [B, Hq, D]` over its paged context; returns `[B, Hq, D]`.
 
     `num_splits` forces the context-split count (default: heuristic); `max_context_len`, a host-side bound on
-    context_lens, sharpens the heuristic when block_tables is wider than the batch needs.
+    context_lens, sharpens the heuristic when block_tables is wider than the batch needs. `plan` (from
+    `plan_torch`, PyTorch path only) reuses one batch's index work across layers.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if use_triton(q):
         return _decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, max_context_len)
-    return _decode_torch(q, k_cache, v_cache, block_tables, context_lens, scale)
+    if plan is None:
+        _check(q, k_cache, v_cache, block_tables, context_lens)
+    return _decode_torch(q, k_cache, v_cache, block_tables, context_lens, scale, plan)
 
 
 def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale=None, *,
-                            max_q_len=None) -> torch.Tensor:
+                            max_q_len=None, plan: TorchPlan | None = None) -> torch.Tensor:
     """Causal attention of packed query chunks `q [T, Hq, D]` (the last tokens of each context); `[T, Hq, D]`.
 
-    `max_q_len` (host int) avoids the one device sync needed to size the launch grid.
+    `max_q_len` (host int) avoids the one device sync needed to size the launch grid. `plan`: as for decode.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if use_triton(q):
         return _prefill_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, max_q_len)
-    return paged_prefill_attention_reference(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale)
+    if plan is None:
+        _check_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens)
+        _check_chunks_fit(cu_seqlens_q, context_lens)
+    return _prefill_torch(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, plan)
+
+
+def _check_chunks_fit(cu_seqlens_q, context_lens) -> None:
+    q_lens = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
+    bad = (q_lens > context_lens.long()).nonzero()
+    if bad.numel():
+        b = int(bad[0, 0])
+        raise ValueError(f"sequence {b} has {int(q_lens[b])} queries but a context of only {int(context_lens[b])}")

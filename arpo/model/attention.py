@@ -84,19 +84,27 @@ def block_attention(q, k, v, ctx: AttentionContext, scale: float) -> torch.Tenso
 
 
 def paged_attention(q, k, v, ctx: AttentionContext, layer_idx: int, scale: float) -> torch.Tensor:
-    """Write this step's K/V into the layer's cache, then attend over each sequence's whole cached context."""
+    """Write this step's K/V into the layer's cache, then attend over each sequence's whole cached context.
+
+    The batch's metadata was checked once (`AttentionContext.check`); on the PyTorch path the index work is planned
+    at the first layer and reused by the others (`ctx.cache["plan"]`)."""
+    from arpo_kernels._backend import use_triton
     from arpo_kernels.kv_cache import store_kv
-    from arpo_kernels.paged_attention import paged_decode_attention, paged_prefill_attention
+    from arpo_kernels.paged_attention import paged_decode_attention, paged_prefill_attention, plan_torch
 
     k_cache, v_cache = ctx.kv_caches[layer_idx]
-    store_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
+    store_kv(k, v, k_cache, v_cache, ctx.slot_mapping, validate=False)
+    plan = None
+    if not use_triton(q):
+        if "plan" not in ctx.cache:
+            ctx.cache["plan"] = plan_torch(k_cache, ctx.block_tables, ctx.context_lens,
+                                           None if ctx.is_decode else ctx.cu_seqlens_q)
+        plan = ctx.cache["plan"]
     if ctx.is_decode:
-        return paged_decode_attention(
-            q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale, max_context_len=ctx.max_context_len
-        )
-    return paged_prefill_attention(
-        q, k_cache, v_cache, ctx.block_tables, ctx.cu_seqlens_q, ctx.context_lens, scale, max_q_len=ctx.max_seqlen_q
-    )
+        return paged_decode_attention(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale,
+                                      max_context_len=ctx.max_context_len, plan=plan)
+    return paged_prefill_attention(q, k_cache, v_cache, ctx.block_tables, ctx.cu_seqlens_q, ctx.context_lens, scale,
+                                   max_q_len=ctx.max_seqlen_q, plan=plan)
 
 
 class Attention(nn.Module):

@@ -109,8 +109,11 @@ class AttentionContext:
             max_context_len=max_context_len,
         )
 
-    def check(self, num_tokens: int, num_layers: int) -> None:
-        """Shape checks that need no device sync; raised before any layer runs."""
+    def check(self, num_tokens: int, num_layers: int, dtype: torch.dtype | None = None,
+              kv_shape: tuple[int, int] | None = None) -> None:
+        """Checks raised before any layer runs (no device sync on a GPU). For a paged batch with `dtype` (the
+        activations') and `kv_shape` (num_kv_heads, head_dim) given, this is the whole validation: the layers then
+        skip their per-call checks."""
         if self.kind not in KINDS:
             raise ValueError(f"AttentionContext.kind={self.kind!r}: expected one of {', '.join(KINDS)}")
         if self.kind == "mask" and self.attn_mask.shape[0] != num_tokens:
@@ -122,3 +125,8 @@ class AttentionContext:
                 raise ValueError(f"slot_mapping is {tuple(self.slot_mapping.shape)}, expected ({num_tokens},)")
             if self.is_decode and self.context_lens.shape != (num_tokens,):
                 raise ValueError("a decode step has one token per sequence: context_lens must be [T]")
+            if dtype is not None and kv_shape is not None:
+                from arpo_kernels.paged_attention import check_paged_batch
+
+                check_paged_batch(self.kv_caches, self.slot_mapping, self.block_tables, self.context_lens,
+                                  None if self.is_decode else self.cu_seqlens_q, dtype, *kv_shape)
