@@ -28,12 +28,12 @@ import functools
 import math
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from arpo_kernels._backend import interpreting, use_triton
 from arpo_kernels.kv_cache import check_cache, check_index, gather_kv
+from arpo_kernels.paged_attention_cpu import TorchPlan, _decode_torch, _prefill_torch, plan_torch  # noqa: F401
 
 LOG2E = 1.4426950408889634
 _MIN_SPLIT_TOKENS = 128  # a context split never covers fewer tokens than this
@@ -351,117 +351,6 @@ def paged_decode_attention_reference(q, k_cache, v_cache, block_tables, context_
     s = torch.einsum("bhgd,blhd->bhgl", qg, k) * scale
     p = torch.softmax(s.masked_fill(~valid[:, None, None, :], float("-inf")), dim=-1)
     return torch.einsum("bhgl,blhd->bhgd", p, v).reshape(bsz, hq, d).to(q.dtype)
-
-
-class TorchPlan:
-    """The CPU (PyTorch) path's index work for one batch, shared by every layer of a forward.
-
-    Built from the block tables and lengths once (`plan_torch`), so each layer only gathers and attends. Rows are
-    split into single-token chunks (decodes: one query against its whole context) and multi-token chunks (prefill
-    or `extend`: their queries padded to the longest chunk, causal within their context).
-    """
-
-    def __init__(self, block_tables, context_lens, cu_seqlens_q, num_blocks: int, block_size: int):
-        dev = block_tables.device
-        self.block_size = block_size
-        tables = block_tables.long().clamp(0, num_blocks - 1)  # entries past a length may be garbage
-        lens = context_lens.long()
-        if cu_seqlens_q is None:  # pure decode
-            single = torch.ones(lens.shape[0], dtype=torch.bool, device=dev)
-            starts = torch.arange(lens.shape[0], device=dev)
-            q_lens = torch.ones_like(lens)
-        else:
-            cu = cu_seqlens_q.long()
-            starts, q_lens = cu[:-1], cu[1:] - cu[:-1]
-            single = q_lens == 1
-        self.all_single = bool(single.all())
-        self.decode = None if not bool(single.any()) else self._decode_part(
-            tables[single], lens[single], None if self.all_single else starts[single])
-        self.multi = None if self.all_single else self._multi_part(tables[~single], lens[~single],
-                                                                   starts[~single], q_lens[~single])
-        self._masks: dict = {}
-
-    def _decode_part(self, tables, lens, rows):
-        width = tables.shape[1]
-        valid = torch.arange(width * self.block_size, device=lens.device)[None, :] < lens[:, None]
-        return {"rows": rows, "idx": tables.reshape(-1), "width": width, "mask": valid[:, None, None, :]}
-
-    def _multi_part(self, tables, lens, starts, q_lens):
-        width = tables.shape[1]
-        q_max = int(q_lens.max())
-        i = torch.arange(q_max, device=lens.device)
-        q_valid = i[None, :] < q_lens[:, None]                                 # [M, Qmax]
-        q_index = torch.where(q_valid, starts[:, None] + i[None, :], 0)  # padding reads row 0
-        q_pos = (lens - q_lens)[:, None] + i[None, :]                          # absolute positions
-        q_pos = torch.minimum(q_pos, (lens - 1)[:, None])                      # padded rows: stay in context
-        keys = torch.arange(width * self.block_size, device=lens.device)
-        allowed = keys[None, None, :] <= q_pos[:, :, None]                     # [M, Qmax, L] causal
-        return {"idx": tables.reshape(-1), "width": width, "q_index": q_index, "q_valid": q_valid,
-                "allowed": allowed, "rows": q_index[q_valid]}
-
-    def multi_mask(self, group: int) -> torch.Tensor:
-        """[M, 1, Qmax * group, L]: query rows ordered (token, group member), as `_gathered_queries` lays them out."""
-        if group not in self._masks:
-            a = self.multi["allowed"]
-            self._masks[group] = a[:, :, None, :].expand(-1, -1, group, -1).reshape(a.shape[0], 1, -1, a.shape[2])
-        return self._masks[group]
-
-
-def plan_torch(k_cache, block_tables, context_lens, cu_seqlens_q=None) -> TorchPlan:
-    """Precompute the CPU path's indices for a batch (pass the plan to every layer's attention call)."""
-    return TorchPlan(block_tables, context_lens, cu_seqlens_q, k_cache.shape[0], k_cache.shape[1])
-
-
-def _gather_blocks(cache, idx, n: int, width: int, block_size: int) -> torch.Tensor:
-    """Whole blocks of n sequences' tables (one index per block, not per token): [n, Hkv, width * block, D]."""
-    hkv, d = cache.shape[2:]
-    return cache.index_select(0, idx).view(n, width * block_size, hkv, d).transpose(1, 2)
-
-
-def _attend_decode(q, k_cache, v_cache, part, block_size: int, scale: float) -> torch.Tensor:
-    n, hq, d = q.shape
-    hkv = k_cache.shape[2]
-    k = _gather_blocks(k_cache, part["idx"], n, part["width"], block_size)
-    v = _gather_blocks(v_cache, part["idx"], n, part["width"], block_size)
-    # a KV head's query heads as its query rows: one [group, L] attention per KV head, no K/V repeat
-    # (2-3x faster on the CPU than SDPA's enable_gqa with one query row)
-    out = F.scaled_dot_product_attention(q.view(n, hkv, hq // hkv, d), k, v, attn_mask=part["mask"], scale=scale)
-    return out.reshape(n, hq, d)
-
-
-def _attend_multi(q, k_cache, v_cache, plan: TorchPlan, scale: float) -> torch.Tensor:
-    part = plan.multi
-    m, q_max = part["q_index"].shape
-    hq, d = q.shape[1:]
-    hkv = k_cache.shape[2]
-    group = hq // hkv
-    k = _gather_blocks(k_cache, part["idx"], m, part["width"], plan.block_size)
-    v = _gather_blocks(v_cache, part["idx"], m, part["width"], plan.block_size)
-    qp = q[part["q_index"]].view(m, q_max, hkv, group, d).permute(0, 2, 1, 3, 4).reshape(m, hkv, q_max * group, d)
-    out = F.scaled_dot_product_attention(qp, k, v, attn_mask=plan.multi_mask(group), scale=scale)
-    out = out.view(m, hkv, q_max, group, d).permute(0, 2, 1, 3, 4).reshape(m, q_max, hq, d)
-    return out[part["q_valid"]]
-
-
-def _decode_torch(q, k_cache, v_cache, block_tables, context_lens, scale, plan=None):
-    """The CPU path: gather whole blocks and let SDPA do the masked attention (see `TorchPlan`)."""
-    plan = plan or plan_torch(k_cache, block_tables, context_lens)
-    return _attend_decode(q, k_cache, v_cache, plan.decode, plan.block_size, scale)
-
-
-def _prefill_torch(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, plan=None):
-    """The CPU path for mixed steps: decode rows batched as in `_decode_torch`, chunks batched and padded."""
-    if q.shape[0] == 0:
-        return torch.empty_like(q)
-    plan = plan or plan_torch(k_cache, block_tables, context_lens, cu_seqlens_q)
-    if plan.all_single:
-        return _attend_decode(q, k_cache, v_cache, plan.decode, plan.block_size, scale)
-    out = torch.empty_like(q)
-    if plan.decode is not None:
-        rows = plan.decode["rows"]
-        out[rows] = _attend_decode(q[rows], k_cache, v_cache, plan.decode, plan.block_size, scale)
-    out[plan.multi["rows"]] = _attend_multi(q, k_cache, v_cache, plan, scale)
-    return out
 
 
 def paged_prefill_attention_reference(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale=None):

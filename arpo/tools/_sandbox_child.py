@@ -13,8 +13,13 @@ interpreter, so it can take its time to lock itself down before the snippet runs
    working directory, signals to foreign pids and reads of /proc/*/environ without a uid switch);
 4. run the code like a REPL cell (the last bare expression is printed) and report how it ended on the status fd.
 
-argv: status_fd, JSON config. The code arrives on stdin. Status lines: `iso net=0|1 pid=0|1 uid=0|1`, then one of
-`ok`, `exc <ExceptionType>`, `exit <code>`, `signal <n>`.
+argv: status_fd, JSON config. stdin: one JSON line of per-call settings (`{"nproc": n}`), then the code. Status
+lines: `iso net=0|1 pid=0|1 uid=0|1`, then one of `ok`, `exc <ExceptionType>`, `exit <code>`, `signal <n>`.
+
+The host may start this script long before it has code for it (a warm pool), so nothing call-specific happens
+before stdin is read. While it waits the process is not dumpable: a snippet of another call running as the same
+user cannot open its stdin through /proc/<pid>/fd and slip code in. EOF before any byte means the host closed
+the pool or died: the bootstrap removes the working directory made for it and exits quietly.
 """
 import ast
 import ctypes
@@ -27,7 +32,7 @@ import threading
 import traceback
 
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
-PR_SET_PDEATHSIG, PR_SET_KEEPCAPS, PR_SET_CHILD_SUBREAPER = 1, 8, 36
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_KEEPCAPS, PR_SET_CHILD_SUBREAPER = 1, 4, 8, 36
 CAP_DAC_READ_SEARCH, _CAP_VERSION_3 = 2, 0x20080522
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -234,11 +239,28 @@ def _add_site_packages() -> None:
             sys.path.append(path)
 
 
+def _wait_for_code(cfg: dict) -> str:
+    """Block until the host sends the call (settings line, then code); merge the settings into `cfg`."""
+    data = sys.stdin.read()
+    _libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
+    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+    if not data:  # the host went away before sending a call
+        cwd = os.getcwd()
+        if os.path.basename(cwd).startswith("arpo-sandbox-"):
+            import shutil
+
+            shutil.rmtree(cwd, ignore_errors=True)
+        os._exit(0)
+    settings, _, code = data.partition("\n")
+    cfg.update(json.loads(settings))
+    return code
+
+
 def main() -> None:
+    _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)  # until the code is in (see the module docstring)
     _add_site_packages()
     fd, cfg = int(sys.argv[1]), json.loads(sys.argv[2])
-    code = sys.stdin.read()
-    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+    code = _wait_for_code(cfg)
     isolated_net, isolated_pid = _enter_namespaces(cfg["namespaces"])
     will_switch_uid = cfg.get("uid") is not None and os.geteuid() == 0
     _status(fd, f"iso net={int(isolated_net)} pid={int(isolated_pid)} uid={int(will_switch_uid)}")

@@ -12,26 +12,32 @@ takes the trainer down. Here every call gets a fresh interpreter (`_sandbox_chil
   * stdout/stderr captured with a hard byte cap, decoded as UTF-8, truncated for the model.
 Whatever the code does, `run` returns a ToolResult; `ok` is True only when the code finished normally.
 
+Warm pool: starting the interpreter is most of a call's latency (~50 ms of ~55 ms for `print(1)`), and a tree
+rollout waits on dozens of calls per step. So `prestart` children per sandbox are started ahead, each with its own
+uid, working directory, status pipe and this sandbox's limits, and wait on stdin; nothing call-specific happens in
+the bootstrap before the code arrives, so a warm call is the same call minus the start-up. Each child still runs
+exactly one snippet and is then destroyed: one fresh interpreter per call stays the rule. Waiting children get EOF
+and leave (removing their working directory) when the host dies, since only the host holds their stdin; a fork of
+the host (multiprocessing) has those fds pointed at /dev/null.
+
 Limits of the fallback (no namespaces, not root): the audit hook is Python-level, so ctypes or a spawned
 program can still reach the network or the user's files. Run as root or where user namespaces are allowed.
 """
 from __future__ import annotations
 
-import fcntl
-import json
 import os
 import selectors
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
-import threading
 import time
+import weakref
 
+from arpo.tools._sandbox_pool import (  # noqa: F401 - kill_uid and _uid_pool are part of the tool's surface
+    _Recipe, _WarmPool, _count_processes, _killpg, _uid_pool, kill_uid,
+)
 from arpo.tools.base import BaseTool, ToolResult, strip_code_fence, truncate
 
-_CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandbox_child.py")
 _SIGNAL_REASONS = {
     signal.SIGXCPU: "CPU time limit exceeded",
     signal.SIGSEGV: "crashed with a segmentation fault (SIGSEGV)",
@@ -40,90 +46,6 @@ _SIGNAL_REASONS = {
     signal.SIGABRT: "aborted (SIGABRT)",
     signal.SIGBUS: "crashed with a bus error (SIGBUS)",
 }
-
-
-class _UidPool:
-    """Hands out throw-away uids (only when the host runs as root), unique across threads *and* processes.
-
-    Each uid in use is held by an exclusive `flock` on `<lock_dir>/<uid>`, so several trainers or test workers on
-    one machine never share one (sharing would let one call's cleanup kill another's processes). The search
-    starts after the last uid handed out, so a uid whose zombies are not yet reaped is not reused at once.
-    """
-
-    def __init__(self, base: int, size: int = 4096, lock_dir: str = "/tmp/arpo-sandbox-uids"):
-        self.base, self.size, self.lock_dir = base, size, lock_dir
-        os.makedirs(lock_dir, mode=0o700, exist_ok=True)
-        self._next = int.from_bytes(os.urandom(2), "little") % size
-        self._lock = threading.Lock()
-        self._held: dict[int, int] = {}
-
-    def acquire(self) -> int:
-        with self._lock:
-            start, self._next = self._next, self._next + 1
-        for i in range(self.size):
-            uid = self.base + (start + i) % self.size
-            fd = os.open(os.path.join(self.lock_dir, str(uid)), os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                os.close(fd)
-                continue
-            with self._lock:
-                self._held[uid] = fd
-            return uid
-        raise RuntimeError(f"no free sandbox uid in [{self.base}, {self.base + self.size})")
-
-    def release(self, uid: int) -> None:
-        with self._lock:
-            fd = self._held.pop(uid)
-        os.close(fd)
-
-
-_UID_POOLS: dict[int, _UidPool] = {}
-_UID_POOLS_LOCK = threading.Lock()
-
-
-def _uid_pool(base: int) -> _UidPool:
-    with _UID_POOLS_LOCK:
-        if base not in _UID_POOLS:
-            _UID_POOLS[base] = _UidPool(base)
-        return _UID_POOLS[base]
-
-
-def kill_uid(uid: int, rounds: int = 50) -> int:
-    """SIGKILL every process whose real uid is `uid` (repeated until none is found); returns how many were hit."""
-    killed = 0
-    for _ in range(rounds):
-        found = 0
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry}/status") as f:
-                    for line in f:
-                        if line.startswith("Uid:"):
-                            if int(line.split()[1]) == uid:
-                                os.kill(int(entry), signal.SIGKILL)
-                                found += 1
-                            break
-            except (OSError, ValueError):
-                continue
-        killed += found
-        if not found:
-            break
-    return killed
-
-
-def _count_processes(uid: int) -> int:
-    n = 0
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.stat(f"/proc/{entry}").st_uid == uid:
-                    n += 1
-            except OSError:
-                pass
-    return n
 
 
 def _world_searchable(path: str) -> bool:
@@ -149,7 +71,12 @@ def _decode(data: bytes) -> tuple[str, bool]:
 
 
 class PythonSandbox(BaseTool):
-    """The `python` tool: `PythonSandbox(timeout_s=5, memory_mb=1024, max_output_chars=4000).run(code)`."""
+    """The `python` tool: `PythonSandbox(timeout_s=5, memory_mb=1024, max_output_chars=4000).run(code)`.
+
+    `prestart` children wait ready for the next calls (0: start one per call). `close()` (or leaving a `with`
+    block, or garbage collection, or interpreter exit) kills the waiting ones for good; `run` keeps working
+    afterwards, starting one child per call.
+    """
 
     name = tag = "python"
 
@@ -166,9 +93,13 @@ class PythonSandbox(BaseTool):
         uid_base: int = 1_900_000_000,
         python: str = sys.executable,
         cacheable: bool = True,
+        prestart: int = 2,
     ):
         if timeout_s <= 0 or memory_mb <= 0 or max_processes <= 0:
             raise ValueError("PythonSandbox: timeout_s, memory_mb and max_processes must be positive")
+        if isinstance(prestart, bool) or not isinstance(prestart, int) or prestart < 0:
+            raise ValueError(f"PythonSandbox: prestart must be an int >= 0 (children started ahead of calls; "
+                             f"0 starts one per call), got {prestart!r}")
         self.timeout_s, self.memory_mb, self.max_output_chars = float(timeout_s), int(memory_mb), max_output_chars
         self.max_processes, self.max_file_mb, self.max_output_bytes = max_processes, max_file_mb, max_output_bytes
         self.namespaces, self.python, self.cacheable = namespaces, python, cacheable
@@ -177,6 +108,29 @@ class PythonSandbox(BaseTool):
         # unless the sandbox keeps CAP_DAC_READ_SEARCH (read anything; still no writes, signals or NPROC bypass)
         stdlib = os.path.dirname(os.__file__)
         self._keep_read_search = bool(self._uids) and not (_world_searchable(stdlib) and _world_searchable(python))
+        self._pool = _WarmPool(prestart)
+        self._finalizer = weakref.finalize(self, self._pool.close)
+        self._pool.start(self._recipe())
+
+    @property
+    def prestart(self) -> int:
+        """How many children wait ready (fixed at construction)."""
+        return self._pool.size
+
+    @property
+    def warm_stats(self) -> dict:
+        """Calls served by a pre-started child (`hits`) or a child started for them (`misses`); `idle_pids`."""
+        return {"hits": self._pool.hits, "misses": self._pool.misses, "idle_pids": self._pool.idle_pids()}
+
+    def close(self) -> None:
+        """Kill the idle children, release their uids, remove their working directories; idempotent."""
+        self._finalizer()
+
+    def __enter__(self) -> "PythonSandbox":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def run(self, text: str) -> ToolResult:
         start = time.perf_counter()
@@ -186,49 +140,28 @@ class PythonSandbox(BaseTool):
             return ToolResult.failure(f"Error: sandbox failure: {type(exc).__name__}: {exc}",
                                       time.perf_counter() - start)
 
+    def _recipe(self) -> _Recipe:
+        """Read at every call, so a changed attribute never reaches a child started with the old settings."""
+        cfg = {"cpu_s": max(1, int(self.timeout_s + 0.999)), "memory_mb": self.memory_mb,
+               "file_mb": self.max_file_mb, "namespaces": self.namespaces, "keep_read_search": self._keep_read_search}
+        return _Recipe(self.python, tuple(sorted(cfg.items())), self._uids)
+
     def _run(self, code: str, start: float) -> ToolResult:
-        uid = self._uids.acquire() if self._uids else None
-        workdir = tempfile.mkdtemp(prefix="arpo-sandbox-")
-        status_r, status_w = os.pipe()
-        proc = None
+        recipe = self._recipe()
+        child = self._pool.take(recipe)
+        warm = child is not None
+        if child is None:
+            child = recipe.start()
         try:
-            if uid is not None:
-                os.chown(workdir, uid, uid)
-            nproc = self.max_processes if uid is not None else _count_processes(os.getuid()) + self.max_processes
-            cfg = {"cpu_s": max(1, int(self.timeout_s + 0.999)), "memory_mb": self.memory_mb,
-                   "file_mb": self.max_file_mb, "nproc": nproc, "uid": uid, "namespaces": self.namespaces,
-                   "keep_read_search": self._keep_read_search}
-            env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "USER": "sandbox",
-                   "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
-                   "MKL_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
-            proc = subprocess.Popen(
-                [self.python, "-I", "-S", "-B", _CHILD, str(status_w), json.dumps(cfg)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=workdir, env=env,
-                pass_fds=(status_w,), start_new_session=True, close_fds=True,
-            )
-            os.close(status_w)
-            status_w = -1
-            try:
-                proc.stdin.write(code.encode("utf-8", errors="replace"))
-                proc.stdin.close()
-            except BrokenPipeError:
-                pass
-            out, err, why = self._collect(proc, start)
-            status = _read_all(status_r)
+            # without a uid of its own the snippet shares RLIMIT_NPROC with the host's user: allow as many new
+            # processes as max_processes on top of what that user runs now (counted when the code goes out)
+            nproc = self.max_processes + (0 if child.uid is not None else _count_processes(os.getuid()))
+            child.send(nproc, code)
+            out, err, why = self._collect(child.proc, start)
+            status = _read_all(child.status_r)
         finally:
-            if proc is not None:
-                _killpg(proc.pid)
-                if proc.poll() is None:
-                    proc.kill()
-                proc.wait()
-            if uid is not None:
-                kill_uid(uid)
-                self._uids.release(uid)
-            for fd in (status_r, status_w):
-                if fd >= 0:
-                    os.close(fd)
-            shutil.rmtree(workdir, ignore_errors=True)
-        return self._result(out, err, why, status, proc.returncode, time.perf_counter() - start)
+            child.close()
+        return self._result(out, err, why, status, child.proc.returncode, time.perf_counter() - start, warm)
 
     def _collect(self, proc: subprocess.Popen, start: float) -> tuple[bytes, bytes, str]:
         """Read stdout/stderr until the process exits, the wall clock runs out, or output passes the byte cap."""
@@ -271,13 +204,14 @@ class PythonSandbox(BaseTool):
             _killpg(proc.pid)
         return bytes(bufs[proc.stdout]), bytes(bufs[proc.stderr]), why
 
-    def _result(self, out: bytes, err: bytes, why: str, status: str, rc: int, latency: float) -> ToolResult:
+    def _result(self, out: bytes, err: bytes, why: str, status: str, rc: int, latency: float,
+                warm: bool) -> ToolResult:
         stdout, bad_out = _decode(out)
         stderr, _ = _decode(err)
         lines = status.split("\n")
         iso = next((line[4:] for line in lines if line.startswith("iso ")), "")
         final = next((line for line in reversed(lines) if line and not line.startswith("iso ")), "")
-        meta = {"isolation": iso, "returncode": rc}
+        meta = {"isolation": iso, "returncode": rc, "warm": warm}
         if not why:
             if final.startswith("signal "):
                 sig = int(final.split()[1])
@@ -297,13 +231,6 @@ class PythonSandbox(BaseTool):
         if why:
             return ToolResult(f"{body}\n{why}" if body else why, False, latency, why, meta)
         return ToolResult(body, True, latency, "", meta)
-
-
-def _killpg(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _read_all(fd: int) -> str:
