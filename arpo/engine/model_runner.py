@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from arpo.engine.compiled_decode import CompiledDecode
 from arpo.engine.cuda_graph import DecodeGraphs
 from arpo.engine.scheduler import ScheduledChunk
 from arpo.model.context import AttentionContext
@@ -18,17 +19,21 @@ from arpo_kernels.sampler import sample
 class ModelRunner:
     def __init__(self, model, num_blocks: int, block_size: int, kv_dtype: torch.dtype | None = None,
                  decode_graphs: str = "off", max_batch: int = 256, max_model_len: int = 4096):
-        """decode_graphs: "cuda" (capture and replay CUDA graphs), "eager" (same padded path, no capture: tests)
-        or "off"."""
+        """decode_graphs: "cuda" (capture and replay CUDA graphs), "eager" (same padded path, no capture: tests),
+        "compile" (torch.compile'd decode steps, for the CPU) or "off"."""
+        if decode_graphs not in ("cuda", "eager", "compile", "off"):
+            raise ValueError(f"decode_graphs={decode_graphs!r}: expected 'cuda', 'eager', 'compile' or 'off'")
         self.model = model
         self.device = model.device
         self.block_size = block_size
-        self.kv_caches = model.allocate_kv_cache(num_blocks, block_size, dtype=kv_dtype, device=self.device)
+        scratch = 1 if decode_graphs == "compile" else 0  # the compiled step's write-nowhere block
+        self.kv_caches = model.allocate_kv_cache(num_blocks + scratch, block_size, dtype=kv_dtype,
+                                                 device=self.device)
         self._flat_caches = [c for pair in self.kv_caches for c in pair]
-        if decode_graphs not in ("cuda", "eager", "off"):
-            raise ValueError(f"decode_graphs={decode_graphs!r}: expected 'cuda', 'eager' or 'off'")
-        self.graphs = None
-        if decode_graphs != "off":
+        self.graphs = self.compiled = None
+        if decode_graphs == "compile":
+            self.compiled = CompiledDecode(model, self.kv_caches, block_size, scratch_block=num_blocks)
+        elif decode_graphs != "off":
             self.graphs = DecodeGraphs(model, self.kv_caches, max_batch, -(-max_model_len // block_size),
                                        block_size, capture=decode_graphs == "cuda")
 
@@ -66,6 +71,10 @@ class ModelRunner:
                 and self.graphs.fits(len(chunks), max(len(t) for t in tables)):
             hidden = self.graphs.run([c.seq.token_ids[c.start] for c in chunks], [c.start for c in chunks],
                                      [c.slots[0] for c in chunks], tables, [c.start + 1 for c in chunks])
+            cu = list(range(len(chunks) + 1))
+        elif self.compiled is not None and all(c.num_tokens == 1 for c in chunks):
+            hidden = self.compiled.run([c.seq.token_ids[c.start] for c in chunks], [c.start for c in chunks],
+                                       [c.slots[0] for c in chunks], tables, [c.start + 1 for c in chunks])
             cu = list(range(len(chunks) + 1))
         else:
             ctx, cu = self._context(chunks, tables)

@@ -93,6 +93,8 @@ def paged_attention(q, k, v, ctx: AttentionContext, layer_idx: int, scale: float
     from arpo_kernels.paged_attention import paged_decode_attention, paged_prefill_attention, plan_torch
 
     k_cache, v_cache = ctx.kv_caches[layer_idx]
+    if ctx.compiled:
+        return _compiled_decode_attention(q, k, v, k_cache, v_cache, ctx, scale)
     store_kv(k, v, k_cache, v_cache, ctx.slot_mapping, validate=False)
     plan = None
     if not use_triton(q):
@@ -105,6 +107,19 @@ def paged_attention(q, k, v, ctx: AttentionContext, layer_idx: int, scale: float
                                       max_context_len=ctx.max_context_len, plan=plan)
     return paged_prefill_attention(q, k_cache, v_cache, ctx.block_tables, ctx.cu_seqlens_q, ctx.context_lens, scale,
                                    max_q_len=ctx.max_seqlen_q, plan=plan)
+
+
+def _compiled_decode_attention(q, k, v, k_cache, v_cache, ctx: AttentionContext, scale: float) -> torch.Tensor:
+    """The decode step as torch.compile traces it: no data-dependent shapes (every slot is real or scratch),
+    the plain gather-and-SDPA attention, its mask built once per forward."""
+    from arpo_kernels.paged_attention_cpu import _attend_plain, _plain_part
+
+    h, d = k_cache.shape[2:]
+    k_cache.view(-1, h, d).index_copy_(0, ctx.slot_mapping, k)
+    v_cache.view(-1, h, d).index_copy_(0, ctx.slot_mapping, v)
+    if "plain" not in ctx.cache:
+        ctx.cache["plain"] = _plain_part(ctx.block_tables.long(), ctx.context_lens.long(), k_cache.shape[1], None)
+    return _attend_plain(q, k_cache, v_cache, ctx.cache["plain"], k_cache.shape[1], scale)
 
 
 class Attention(nn.Module):

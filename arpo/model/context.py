@@ -14,6 +14,8 @@ Three kinds, one per caller:
   length including the new tokens (`context_lens` [B] int32), and the new tokens' boundaries
   (`cu_seqlens_q` [B+1] int32). `is_decode` means one new token per sequence (T == B). The optional host ints
   `max_seqlen_q` / `max_context_len` let the kernels size their launch grids without a device sync.
+  `compiled=True` marks a decode step traced by torch.compile on the CPU: its caller validated the batch, every
+  slot is >= 0 (padding rows write to a scratch slot) and attention takes the plain, shape-static path.
 
 Build one with `AttentionContext.varlen(...)`, `.tree(...)` or `.paged(...)`. `ctx=None` in the model's forward
 means a single causal sequence. Derived tensors (the padded-layout index of the SDPA fallback) are computed at
@@ -46,6 +48,7 @@ class AttentionContext:
     is_decode: bool = False
     max_seqlen_q: int | None = None  # host-side bounds the paged kernels use to size their grids sync-free
     max_context_len: int | None = None
+    compiled: bool = False  # a CPU decode step traced by torch.compile (see arpo/engine/compiled_decode.py)
     cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -94,6 +97,7 @@ class AttentionContext:
         is_decode: bool = False,
         max_seqlen_q: int | None = None,
         max_context_len: int | None = None,
+        compiled: bool = False,
     ) -> "AttentionContext":
         if not is_decode and cu_seqlens_q is None:
             raise ValueError("a paged prefill context needs cu_seqlens_q")
@@ -107,6 +111,7 @@ class AttentionContext:
             is_decode=is_decode,
             max_seqlen_q=max_seqlen_q,
             max_context_len=max_context_len,
+            compiled=compiled,
         )
 
     def check(self, num_tokens: int, num_layers: int, dtype: torch.dtype | None = None,

@@ -89,8 +89,9 @@ class Qwen2Model(nn.Module):
             )
         if ctx is None:
             ctx = AttentionContext.single(input_ids.shape[0], input_ids.device)
-        cfg = self.config
-        ctx.check(input_ids.shape[0], len(self.layers), self.dtype, (cfg.num_key_value_heads, cfg.head_dim))
+        if not ctx.compiled:  # a compiled step's caller checks the batch outside the graph
+            cfg = self.config
+            ctx.check(input_ids.shape[0], len(self.layers), self.dtype, (cfg.num_key_value_heads, cfg.head_dim))
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary(position_ids, x.dtype)
         for layer in self.layers:
