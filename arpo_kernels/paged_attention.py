@@ -33,7 +33,7 @@ import triton.language as tl
 
 from arpo_kernels._backend import interpreting, use_triton
 from arpo_kernels.kv_cache import check_cache, check_index, gather_kv
-from arpo_kernels.paged_attention_cpu import TorchPlan, _decode_torch, _prefill_torch, plan_torch  # noqa: F401
+from arpo_kernels.paged_attention_cpu import TorchPlan, _decode_torch, _prefill_torch
 
 LOG2E = 1.4426950408889634
 _MIN_SPLIT_TOKENS = 128  # a context split never covers fewer tokens than this

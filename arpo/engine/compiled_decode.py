@@ -25,6 +25,9 @@ class CompiledDecode:
         self.scratch_slot = scratch_block * block_size
         self._fn = torch.compile(self._forward, dynamic=True, fullgraph=True)
 
+    def fits(self, batch: int, widest_table: int) -> bool:
+        return True  # dynamic shapes: any batch, any table width
+
     def _forward(self, ids, pos, slots, tables, lens):
         ctx = AttentionContext.paged(self.kv_caches, slots, tables, lens, is_decode=True, compiled=True)
         return self.model(ids, pos, ctx)

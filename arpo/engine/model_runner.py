@@ -30,9 +30,9 @@ class ModelRunner:
         self.kv_caches = model.allocate_kv_cache(num_blocks + scratch, block_size, dtype=kv_dtype,
                                                  device=self.device)
         self._flat_caches = [c for pair in self.kv_caches for c in pair]
-        self.graphs = self.compiled = None
+        self.graphs = None  # the padded decode path: CUDA graphs (or their eager twin) or the compiled CPU step
         if decode_graphs == "compile":
-            self.compiled = CompiledDecode(model, self.kv_caches, block_size, scratch_block=num_blocks)
+            self.graphs = CompiledDecode(model, self.kv_caches, block_size, scratch_block=num_blocks)
         elif decode_graphs != "off":
             self.graphs = DecodeGraphs(model, self.kv_caches, max_batch, -(-max_model_len // block_size),
                                        block_size, capture=decode_graphs == "cuda")
@@ -71,10 +71,6 @@ class ModelRunner:
                 and self.graphs.fits(len(chunks), max(len(t) for t in tables)):
             hidden = self.graphs.run([c.seq.token_ids[c.start] for c in chunks], [c.start for c in chunks],
                                      [c.slots[0] for c in chunks], tables, [c.start + 1 for c in chunks])
-            cu = list(range(len(chunks) + 1))
-        elif self.compiled is not None and all(c.num_tokens == 1 for c in chunks):
-            hidden = self.compiled.run([c.seq.token_ids[c.start] for c in chunks], [c.start for c in chunks],
-                                       [c.slots[0] for c in chunks], tables, [c.start + 1 for c in chunks])
             cu = list(range(len(chunks) + 1))
         else:
             ctx, cu = self._context(chunks, tables)

@@ -90,7 +90,8 @@ def paged_attention(q, k, v, ctx: AttentionContext, layer_idx: int, scale: float
     at the first layer and reused by the others (`ctx.cache["plan"]`)."""
     from arpo_kernels._backend import use_triton
     from arpo_kernels.kv_cache import store_kv
-    from arpo_kernels.paged_attention import paged_decode_attention, paged_prefill_attention, plan_torch
+    from arpo_kernels.paged_attention import paged_decode_attention, paged_prefill_attention
+    from arpo_kernels.paged_attention_cpu import plan_torch
 
     k_cache, v_cache = ctx.kv_caches[layer_idx]
     if ctx.compiled:
