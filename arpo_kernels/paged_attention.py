@@ -17,8 +17,8 @@ int32 (>= 1). GQA: query head h uses KV head h // (Hq // Hkv).
   KV head); a tile's rows are (token, group member) pairs. Serves chunked prefill and `extend` alike.
 
 Inference only (no autograd). The `*_reference` functions are the plain-PyTorch definitions (fp32 math) the tests
-compare with. The CPU path gathers whole blocks and runs SDPA, batched over sequences (decodes as one batch,
-prefill chunks as another, padded); `plan_torch` does a batch's index work once for all layers.
+compare with. The CPU path (paged_attention_cpu.py) cuts the tables into shared and own runs of blocks, gathers each
+run once, SDPA over padded batches of runs, merged per query row; `plan_torch` plans it once for all layers.
 Triton's interpreter cannot compute in bfloat16, so under TRITON_INTERPRET=1 tiles are upcast to fp32 before
 `tl.dot` (the GPU keeps bf16/fp16 tensor-core dots with fp32 accumulation).
 """

@@ -1,169 +1,172 @@
-"""The PyTorch (CPU) path of paged attention: gather whole blocks, SDPA, batched over sequences.
+"""The PyTorch (CPU) path of paged attention: shared blocks attended once, ragged contexts in a few padded batches.
 
-Why a plan: the block tables and lengths are the same for every layer of a forward, so the index work (which
-blocks to gather, masks, which rows are decodes and which are prefill chunks) is done once per batch
-(`plan_torch`) and each layer only gathers and attends.
+Why not one padded batch: a rollout's batch mixes short and long contexts, and many of its sequences sit on top of
+the same cached blocks (a fork's children share the parent's blocks; every sample of a prompt shares the prompt).
+Gathering every sequence's whole context padded to the longest one copies the shared blocks once per sequence
+plus the padding — on the CPU that copy, not the arithmetic, is the cost.
 
-Shared prefixes (cascade attention, CPU tensors only: it needs the CPU SDPA kernel's log-sum-exps): in a rollout tree many sequences decode on top of the same cached prompt —
-a fork's children share its blocks. Attending to each sequence's whole context would gather and score the shared
-blocks once per sequence. Instead, sequences whose tables start with the same blocks form a group: the group's
-queries attend to the shared blocks together (one gather, one SDPA with all members' query rows), each sequence
-attends to its own tail, and the two partial softmaxes are merged through their log-sum-exps. Same result up to
-float rounding; the re-prefill way of building a tree has no shared blocks and gets no such saving.
+So a batch is cut into *parts* (`split_shared`): a trie over the block tables, where each part is a run of blocks
+and the sequences ("members") whose tables contain that run at the same place. A block shared by 16 sequences is
+one part with 16 members: gathered once, scored against all 16 members' query rows in one SDPA. Each sequence's
+own blocks form a one-member part. Parts of similar size go into one padded batch ("bucket": one gather, one SDPA;
+`_buckets` weighs padding against per-call cost), and each query row's partial results — one per part on its
+path — are merged through their log-sum-exps. Decodes (one query row) and prefill/extend chunks (the last q_len
+tokens of a context, causal) take the same path: the mask is `key position <= query position` within the part.
+
+`plan_torch` does this index work once per forward; every layer reuses it (same tables, same lengths).
+Exact up to float rounding (tests compare with the plain references). The re-prefill way of building a tree has no
+shared blocks: it gets only the ragged batching.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-MIN_SHARED_BLOCKS = 2  # a group's shared prefix must span at least this many blocks to take the cascade path
-CASCADE_MAX_GATHER = 0.5  # ... and the cascade must gather at most this share of the blocks the plain path would
+# Relative costs for grouping parts into padded batches (measured on a 2-core EPYC, fp32, head_dim 32–64): a batch
+# costs ~COST_CALL for its launches, each gathered block ~COST_BLOCK, each (query row, block) scored ~COST_SCORE.
+COST_CALL = 80.0
+COST_BLOCK = 2.0
+COST_SCORE = 0.25
+
+
+class Part(NamedTuple):
+    """A run of `blocks` found at block index `start` of every member's table."""
+    start: int
+    blocks: list
+    members: list
+
+
+def split_shared(tables: list[list[int]]) -> list[Part]:
+    """Cut block tables (each holding exactly a sequence's blocks) into parts: every block of every table lands
+    in exactly one part, a part's members are all the tables holding its blocks at that place, and parts with
+    several members are as long as their members' common run allows (the trie's edges)."""
+    parts = []
+    stack = [(list(range(len(tables))), 0)]
+    while stack:
+        members, pos = stack.pop()
+        if len(members) == 1:
+            table = tables[members[0]]
+            if len(table) > pos:
+                parts.append(Part(pos, table[pos:], members))
+            continue
+        first = tables[members[0]]
+        stop = pos
+        for column in zip(*(tables[i][pos:] for i in members)):  # up to the shortest member
+            if column.count(column[0]) != len(column):
+                break
+            stop += 1
+        if stop > pos:
+            parts.append(Part(pos, first[pos:stop], members))
+        children: dict[int, list[int]] = {}
+        for i in members:
+            if len(tables[i]) > stop:
+                children.setdefault(tables[i][stop], []).append(i)
+        stack.extend((group, stop) for group in children.values())
+    return parts
+
+
+def _cost(num_parts: int, width: int, rows: int) -> float:
+    return COST_CALL + num_parts * width * (COST_BLOCK + COST_SCORE * rows)
+
+
+def _buckets(sizes: list[tuple[int, int]]) -> list[list[int]]:
+    """Group parts given as (blocks, query rows) into padded batches, greedily, largest first: a part joins the
+    batch it makes least dearer, or opens its own when that is cheaper."""
+    order = sorted(range(len(sizes)), key=lambda i: sizes[i], reverse=True)
+    buckets: list[list] = []  # [members, width, rows, cost]
+    for i in order:
+        w, r = sizes[i]
+        alone = _cost(1, w, r)
+        best, best_extra = None, alone
+        for b in buckets:
+            grown = _cost(len(b[0]) + 1, max(b[1], w), max(b[2], r))
+            if grown - b[3] < best_extra:
+                best, best_extra = b, grown - b[3]
+        if best is None:
+            buckets.append([[i], w, r, alone])
+        else:
+            best[0].append(i)
+            best[1], best[2] = max(best[1], w), max(best[2], r)
+            best[3] = _cost(len(best[0]), best[1], best[2])
+    return [b[0] for b in buckets]
 
 
 class TorchPlan:
-    """One batch's index work. Rows split into single-token chunks (decodes: one query against the whole context,
-    with shared-prefix groups) and multi-token chunks (prefill or `extend`: queries padded to the longest chunk,
-    causal within the context)."""
+    """One batch's index work: its parts grouped into padded buckets, and per query row where its partial
+    results land. Rows are the rows of q: one per decoding sequence, q_len per prefill/extend chunk."""
 
     def __init__(self, block_tables, context_lens, cu_seqlens_q, num_blocks: int, block_size: int):
         dev = block_tables.device
         self.block_size = block_size
-        tables = block_tables.long().clamp(0, num_blocks - 1)  # entries past a length may be garbage
-        lens = context_lens.long()
-        if cu_seqlens_q is None:  # pure decode
-            single = torch.ones(lens.shape[0], dtype=torch.bool, device=dev)
-            starts = torch.arange(lens.shape[0], device=dev)
-            q_lens = torch.ones_like(lens)
+        lens = context_lens.tolist()
+        n = len(lens)
+        if cu_seqlens_q is None:  # pure decode: one row per sequence
+            starts, q_lens = list(range(n)), [1] * n
         else:
-            cu = cu_seqlens_q.long()
-            starts, q_lens = cu[:-1], cu[1:] - cu[:-1]
-            single = q_lens == 1
-        self.all_single = bool(single.all())
-        self.decode = None
-        if bool(single.any()):
-            rows = None if self.all_single else starts[single]
-            cascade = _cascade_part(tables[single], lens[single], block_size, rows) if dev.type == "cpu" else None
-            self.decode = cascade or _plain_part(tables[single], lens[single], block_size, rows)
-        self.multi = None if self.all_single else _multi_part(tables[~single], lens[~single], starts[~single],
-                                                              q_lens[~single], block_size)
-        self._masks: dict = {}
+            cu = cu_seqlens_q.tolist()
+            starts, q_lens = cu[:-1], [b - a for a, b in zip(cu, cu[1:])]
+        self.num_rows = sum(q_lens)
+        tables = [row[:-(-length // block_size)] for row, length in zip(block_tables.tolist(), lens)]
+        parts = split_shared(tables)
+        rows = [list(range(s, s + q)) for s, q in zip(starts, q_lens)]
+        positions = [list(range(length - q, length)) for length, q in zip(lens, q_lens)]
+        part_rows = [[r for m in p.members for r in rows[m]] for p in parts]
+        part_pos = [[x for m in p.members for x in positions[m]] for p in parts]
+        keep = [i for i, r in enumerate(part_rows) if r]  # members with no queries this step (q_len 0) drop out
+        parts, part_rows, part_pos = [parts[i] for i in keep], [part_rows[i] for i in keep], [part_pos[i] for i in keep]
+        self.buckets = []
+        partials: list[list[int]] = [[] for _ in range(self.num_rows)]  # per row, its partial results' indices
+        base = 0
+        for members in _buckets([(len(parts[i].blocks), len(part_rows[i])) for i in range(len(parts))]):
+            width = max(len(parts[i].blocks) for i in members)
+            r_max = max(len(part_rows[i]) for i in members)
+            idx, q_index, q_pos, first, length = [], [], [], [], []
+            for j, i in enumerate(members):
+                p = parts[i]
+                idx += p.blocks + [p.blocks[0]] * (width - len(p.blocks))
+                pad = r_max - len(part_rows[i])
+                q_index += part_rows[i] + [part_rows[i][0]] * pad
+                q_pos += part_pos[i] + [2**62] * pad  # padding rows see the whole part: no empty softmax
+                first.append(p.start * block_size)
+                length.append(len(p.blocks) * block_size)
+                for k, (r, pos) in enumerate(zip(part_rows[i], part_pos[i])):
+                    if pos >= p.start * block_size:  # else the row sees none of the part (masked out entirely)
+                        partials[r].append(base + j * r_max + k)
+            keys = torch.arange(width * block_size, device=dev)
+            first_t = torch.tensor(first, device=dev)[:, None, None]
+            allowed = (keys < torch.tensor(length, device=dev)[:, None, None]) & (
+                first_t + keys <= torch.tensor(q_pos, device=dev).view(-1, r_max, 1))  # [P, R, L]
+            self.buckets.append({"idx": torch.tensor(idx, device=dev), "width": width, "allowed": allowed,
+                                 "q_index": torch.tensor(q_index, device=dev).view(-1, r_max), "masks": {}})
+            base += len(members) * r_max
+        depth = max((len(p) for p in partials), default=1)
+        self.sentinel = base  # an extra partial result with zero weight, for rows on shorter paths
+        self.merge = torch.tensor([p + [base] * (depth - len(p)) for p in partials], device=dev)  # [T, depth]
 
-    def multi_mask(self, group: int) -> torch.Tensor:
-        """[M, 1, Qmax * group, L]: query rows ordered (token, group member), as `_attend_multi` lays them out."""
-        if group not in self._masks:
-            a = self.multi["allowed"]
-            self._masks[group] = a[:, :, None, :].expand(-1, -1, group, -1).reshape(a.shape[0], 1, -1, a.shape[2])
-        return self._masks[group]
+    def mask(self, bucket: dict, group: int, dtype: torch.dtype) -> torch.Tensor:
+        """[P, 1, R * group, L] additive (0 / -inf): query rows are (row, head of the KV head's group)."""
+        key = (group, dtype)
+        if key not in bucket["masks"]:
+            a = bucket["allowed"]
+            p, r, n_keys = a.shape
+            a = a[:, None, :, None, :].expand(p, 1, r, group, n_keys).reshape(p, 1, r * group, n_keys)
+            bucket["masks"][key] = torch.zeros(a.shape, dtype=dtype, device=a.device).masked_fill(~a, float("-inf"))
+        return bucket["masks"][key]
 
 
 def plan_torch(k_cache, block_tables, context_lens, cu_seqlens_q=None) -> TorchPlan:
-    """Precompute the CPU path's indices for a batch (pass the plan to every layer's attention call)."""
+    """Precompute the CPU path's indices for a batch (pass the plan to every layer's attention call).
+    `cu_seqlens_q=None`: a pure decode batch, one query row per sequence."""
     return TorchPlan(block_tables, context_lens, cu_seqlens_q, k_cache.shape[0], k_cache.shape[1])
-
-
-# ---- plans ---------------------------------------------------------------------------------------------------
-def _plain_part(tables, lens, block_size: int, rows) -> dict:
-    width = tables.shape[1]
-    valid = torch.arange(width * block_size, device=lens.device)[None, :] < lens[:, None]
-    return {"kind": "plain", "rows": rows, "idx": tables.reshape(-1), "width": width,
-            "mask": valid[:, None, None, :]}
-
-
-def _shared_groups(tables: list[list[int]], lens: list[int], block_size: int) -> list[tuple[list[int], int]]:
-    """(members, shared tokens) for every set of >= 2 sequences whose tables begin with the same blocks."""
-    by_first: dict[int, list[int]] = {}
-    for i, t in enumerate(tables):
-        by_first.setdefault(t[0], []).append(i)
-    groups = []
-    for members in by_first.values():
-        if len(members) < 2:
-            continue
-        shortest = min(lens[i] for i in members)
-        n = -(-shortest // block_size)
-        common = 0
-        first = tables[members[0]]
-        while common < n and all(tables[i][common] == first[common] for i in members):
-            common += 1
-        shared = min(common * block_size, shortest)
-        if shared >= MIN_SHARED_BLOCKS * block_size:
-            groups.append((members, shared))
-    return groups
-
-
-def _cascade_part(tables, lens, block_size: int, rows) -> dict | None:
-    """The shared-prefix split of a decode batch, or None when no group shares enough blocks."""
-    host_tables, host_lens = tables.tolist(), lens.tolist()
-    groups = _shared_groups(host_tables, host_lens, block_size)
-    if not groups:
-        return None
-    dev = tables.device
-    n = len(host_lens)
-    shared = [0] * n
-    for members, s in groups:
-        for i in members:
-            shared[i] = s
-    # shared part: per group its first blocks, queries of its members (padded to the largest group)
-    s_width = max(-(-s // block_size) for _, s in groups)
-    m_max = max(len(m) for m, _ in groups)
-    s_idx = [host_tables[m[0]][:s_width] + [0] * (s_width - len(host_tables[m[0]][:s_width])) for m, _ in groups]
-    s_rows = [m + [m[0]] * (m_max - len(m)) for m, _ in groups]
-    s_lens = torch.tensor([s for _, s in groups], device=dev)
-    s_valid = torch.arange(s_width * block_size, device=dev)[None, :] < s_lens[:, None]
-    s_of_seq = [0] * n  # each sequence's row among the shared part's outputs
-    for g, (members, _) in enumerate(groups):
-        for j, i in enumerate(members):
-            s_of_seq[i] = g * m_max + j
-    # tail part: each sequence's blocks from its shared prefix's last (possibly partial) block on
-    starts = [s // block_size for s in shared]
-    ends = [-(-n_tok // block_size) for n_tok in host_lens]
-    t_width = max(e - b for b, e in zip(starts, ends))
-    if len(groups) * s_width + n * t_width > CASCADE_MAX_GATHER * n * tables.shape[1]:
-        return None  # too little shared to pay for the extra SDPA and the merge
-    t_idx = [host_tables[i][starts[i]:ends[i]] + [0] * (t_width - ends[i] + starts[i]) for i in range(n)]
-    base = torch.tensor(starts, device=dev)[:, None] * block_size
-    pos = base + torch.arange(t_width * block_size, device=dev)[None, :]
-    t_valid = (pos >= torch.tensor(shared, device=dev)[:, None]) & (pos < lens[:, None])
-    in_group = torch.tensor(shared, device=dev) > 0
-    inf = torch.tensor(float("inf"), device=dev)
-    bias = torch.where(in_group, 0.0, -inf) + torch.where(t_valid.any(1), 0.0, inf)  # never both: see merge
-    bias = bias[:, None]
-    return {
-        "kind": "cascade", "rows": rows,
-        "s_idx": torch.tensor(s_idx, dtype=torch.long, device=dev).reshape(-1), "s_width": s_width,
-        "s_rows": torch.tensor(s_rows, dtype=torch.long, device=dev), "s_valid": s_valid,
-        "s_of_seq": torch.tensor(s_of_seq, dtype=torch.long, device=dev), "bias": bias,
-        "t_idx": torch.tensor(t_idx, dtype=torch.long, device=dev).reshape(-1), "t_width": t_width, "t_valid": t_valid,
-        "masks": {},
-    }
-
-
-def _multi_part(tables, lens, starts, q_lens, block_size: int) -> dict:
-    width = tables.shape[1]
-    q_max = int(q_lens.max())
-    i = torch.arange(q_max, device=lens.device)
-    q_valid = i[None, :] < q_lens[:, None]                                 # [M, Qmax]
-    q_index = torch.where(q_valid, starts[:, None] + i[None, :], 0)        # padding reads row 0
-    q_pos = (lens - q_lens)[:, None] + i[None, :]                          # absolute positions
-    q_pos = torch.minimum(q_pos, (lens - 1)[:, None])                      # padded rows: stay in context
-    keys = torch.arange(width * block_size, device=lens.device)
-    allowed = keys[None, None, :] <= q_pos[:, :, None]                     # [M, Qmax, L] causal
-    return {"idx": tables.reshape(-1), "width": width, "q_index": q_index, "q_valid": q_valid,
-            "allowed": allowed, "rows": q_index[q_valid]}
 
 
 # ---- attention -----------------------------------------------------------------------------------------------
 def _gather_blocks(cache, idx, n: int, width: int, block_size: int) -> torch.Tensor:
-    """Whole blocks of n sequences' tables (one index per block, not per token): [n, Hkv, width * block, D]."""
+    """Whole blocks of n runs of `width` blocks (one index per block, not per token): [n, Hkv, width * block, D]."""
     hkv, d = cache.shape[2:]
     return cache.index_select(0, idx).view(n, width * block_size, hkv, d).transpose(1, 2)
-
-
-def _additive(valid: torch.Tensor, dtype: torch.dtype, cache: dict, key: str) -> torch.Tensor:
-    """A bool mask as 0 / -inf in `dtype` (the SDPA op that also returns log-sum-exps takes no bool mask)."""
-    if (key, dtype) not in cache:
-        cache[(key, dtype)] = torch.zeros(valid.shape, dtype=dtype, device=valid.device).masked_fill(
-            ~valid, float("-inf"))
-    return cache[(key, dtype)]
 
 
 def _sdpa_lse(q, k, v, mask, scale):
@@ -172,83 +175,59 @@ def _sdpa_lse(q, k, v, mask, scale):
                                                                       scale=scale)
 
 
-def _attend_plain(q, k_cache, v_cache, part, block_size: int, scale: float) -> torch.Tensor:
-    n, hq, d = q.shape
-    hkv = k_cache.shape[2]
-    k = _gather_blocks(k_cache, part["idx"], n, part["width"], block_size)
-    v = _gather_blocks(v_cache, part["idx"], n, part["width"], block_size)
-    # a KV head's query heads as its query rows: one [group, L] attention per KV head, no K/V repeat
-    # (2-3x faster on the CPU than SDPA's enable_gqa with one query row)
-    out = F.scaled_dot_product_attention(q.view(n, hkv, hq // hkv, d), k, v, attn_mask=part["mask"], scale=scale)
-    return out.reshape(n, hq, d)
-
-
-def _attend_cascade(q, k_cache, v_cache, part, block_size: int, scale: float) -> torch.Tensor:
-    n, hq, d = q.shape
-    hkv = k_cache.shape[2]
-    group = hq // hkv
-    # shared prefixes: [groups, Hkv, members * group, D] queries against each group's shared blocks
-    rows = part["s_rows"]
-    g, m = rows.shape
-    qs = q[rows.reshape(-1)].view(g, m, hkv, group, d).permute(0, 2, 1, 3, 4).reshape(g, hkv, m * group, d)
-    ks = _gather_blocks(k_cache, part["s_idx"], g, part["s_width"], block_size)
-    vs = _gather_blocks(v_cache, part["s_idx"], g, part["s_width"], block_size)
-    s_mask = _additive(part["s_valid"], q.dtype, part["masks"], "s")[:, None, None, :]
-    out_s, lse_s = _sdpa_lse(qs, ks, vs, s_mask, scale)
-    out_s = out_s.view(g, hkv, m, group, d).permute(0, 2, 1, 3, 4).reshape(g * m, hq, d)
-    lse_s = lse_s.view(g, hkv, m, group).permute(0, 2, 1, 3).reshape(g * m, hq)
-    out_s = out_s.index_select(0, part["s_of_seq"])  # per sequence (rows of sequences in no group: unused)
-    lse_s = lse_s.index_select(0, part["s_of_seq"])
-    if part["t_width"] == 0:  # every sequence's context is its group's shared prefix (just forked)
-        return out_s
-    # tails: every sequence against its own blocks past the shared prefix (sequences in no group: everything)
-    kt = _gather_blocks(k_cache, part["t_idx"], n, part["t_width"], block_size)
-    vt = _gather_blocks(v_cache, part["t_idx"], n, part["t_width"], block_size)
-    t_mask = _additive(part["t_valid"], q.dtype, part["masks"], "t")[:, None, None, :]
-    out_t, lse_t = _sdpa_lse(q.view(n, hkv, group, d), kt, vt, t_mask, scale)
-    # merge: softmax over the union = the partial results weighted by their shares of the total mass; the shared
-    # part's weight is sigmoid(lse_s - lse_t), with lse_s = -inf for sequences in no group and lse_t = -inf for
-    # empty tails (`bias` adds those infinities)
-    w = torch.sigmoid(lse_s - lse_t.reshape(n, hq) + part["bias"])
-    return torch.lerp(out_t.reshape(n, hq, d), out_s, w[..., None].to(q.dtype))
-
-
-def _attend_decode(q, k_cache, v_cache, part, block_size: int, scale: float) -> torch.Tensor:
-    if part["kind"] == "cascade":
-        return _attend_cascade(q, k_cache, v_cache, part, block_size, scale)
-    return _attend_plain(q, k_cache, v_cache, part, block_size, scale)
-
-
-def _attend_multi(q, k_cache, v_cache, plan: TorchPlan, scale: float) -> torch.Tensor:
-    part = plan.multi
-    m, q_max = part["q_index"].shape
+def _attend(q, k_cache, v_cache, plan: TorchPlan, scale: float) -> torch.Tensor:
     hq, d = q.shape[1:]
     hkv = k_cache.shape[2]
     group = hq // hkv
-    k = _gather_blocks(k_cache, part["idx"], m, part["width"], plan.block_size)
-    v = _gather_blocks(v_cache, part["idx"], m, part["width"], plan.block_size)
-    qp = q[part["q_index"]].view(m, q_max, hkv, group, d).permute(0, 2, 1, 3, 4).reshape(m, hkv, q_max * group, d)
-    out = F.scaled_dot_product_attention(qp, k, v, attn_mask=plan.multi_mask(group), scale=scale)
-    out = out.view(m, hkv, q_max, group, d).permute(0, 2, 1, 3, 4).reshape(m, q_max, hq, d)
-    return out[part["q_valid"]]
+    outs, lses = [], []
+    for b in plan.buckets:
+        p, r = b["q_index"].shape
+        k = _gather_blocks(k_cache, b["idx"], p, b["width"], plan.block_size)
+        v = _gather_blocks(v_cache, b["idx"], p, b["width"], plan.block_size)
+        # a KV head's query heads become query rows: one [R * group, L] attention per KV head, no K/V repeat
+        qb = q[b["q_index"].view(-1)].view(p, r, hkv, group, d).permute(0, 2, 1, 3, 4).reshape(p, hkv, r * group, d)
+        out, lse = _sdpa_lse(qb, k, v, plan.mask(b, group, q.dtype), scale)
+        outs.append(out.view(p, hkv, r, group, d).permute(0, 2, 1, 3, 4).reshape(p * r, hq, d))
+        lses.append(lse.view(p, hkv, r, group).permute(0, 2, 1, 3).reshape(p * r, hq))
+    if plan.merge.shape[1] == 1:  # every row on one part: no merging
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return out.index_select(0, plan.merge[:, 0])
+    # softmax over the union of a row's parts = its partial results weighted by their shares of the total mass
+    outs.append(q.new_zeros(1, hq, d))
+    lses.append(torch.full((1, hq), float("-inf"), dtype=lses[0].dtype, device=q.device))
+    out_all, lse_all = torch.cat(outs), torch.cat(lses)
+    weights = torch.softmax(lse_all[plan.merge].float(), dim=1)  # [T, depth, Hq]
+    merged = (weights[..., None] * out_all[plan.merge].float()).sum(1)
+    return merged.to(q.dtype)
 
 
 def _decode_torch(q, k_cache, v_cache, block_tables, context_lens, scale, plan=None):
     """Decode attention on the PyTorch path (see the module docstring)."""
     plan = plan or plan_torch(k_cache, block_tables, context_lens)
-    return _attend_decode(q, k_cache, v_cache, plan.decode, plan.block_size, scale)
+    return _attend(q, k_cache, v_cache, plan, scale)
 
 
 def _prefill_torch(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, plan=None):
-    """Mixed steps on the PyTorch path: decode rows batched as in `_decode_torch`, chunks batched and padded."""
+    """Prefill/extend chunks (and decodes mixed in) on the PyTorch path: the same parts and buckets, causal."""
     if q.shape[0] == 0:
         return torch.empty_like(q)
     plan = plan or plan_torch(k_cache, block_tables, context_lens, cu_seqlens_q)
-    if plan.all_single:
-        return _attend_decode(q, k_cache, v_cache, plan.decode, plan.block_size, scale)
-    out = torch.empty_like(q)
-    if plan.decode is not None:
-        rows = plan.decode["rows"]
-        out[rows] = _attend_decode(q[rows], k_cache, v_cache, plan.decode, plan.block_size, scale)
-    out[plan.multi["rows"]] = _attend_multi(q, k_cache, v_cache, plan, scale)
-    return out
+    return _attend(q, k_cache, v_cache, plan, scale)
+
+
+# ---- the compiled decode step's attention (arpo.engine.compiled_decode) ---------------------------------------
+def _plain_part(tables, lens, block_size: int, rows) -> dict:
+    """Every sequence's whole table, padded to the widest: static shapes, no host work (torch.compile traces it)."""
+    width = tables.shape[1]
+    valid = torch.arange(width * block_size, device=lens.device)[None, :] < lens[:, None]
+    return {"kind": "plain", "rows": rows, "idx": tables.reshape(-1), "width": width,
+            "mask": valid[:, None, None, :]}
+
+
+def _attend_plain(q, k_cache, v_cache, part, block_size: int, scale: float) -> torch.Tensor:
+    n, hq, d = q.shape
+    hkv = k_cache.shape[2]
+    k = _gather_blocks(k_cache, part["idx"], n, part["width"], block_size)
+    v = _gather_blocks(v_cache, part["idx"], n, part["width"], block_size)
+    out = F.scaled_dot_product_attention(q.view(n, hkv, hq // hkv, d), k, v, attn_mask=part["mask"], scale=scale)
+    return out.reshape(n, hq, d)
