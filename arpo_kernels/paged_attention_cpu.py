@@ -142,16 +142,21 @@ class TorchPlan:
                                  "q_index": torch.tensor(q_index, device=dev).view(-1, r_max), "masks": {}})
             base += len(members) * r_max
         depth = max((len(p) for p in partials), default=1)
-        self.sentinel = base  # an extra partial result with zero weight, for rows on shorter paths
-        self.merge = torch.tensor([p + [base] * (depth - len(p)) for p in partials], device=dev)  # [T, depth]
+        # rows on shorter paths are padded with an extra, zero-weight partial result (index `base`); at depth 2
+        # with their own partial twice instead, which the two-way merge weighs 1/2 + 1/2 (no extra result needed)
+        self.merge = torch.tensor([p + [p[0] if depth == 2 else base] * (depth - len(p)) for p in partials],
+                                  device=dev)  # [T, depth]
 
     def mask(self, bucket: dict, group: int, dtype: torch.dtype) -> torch.Tensor:
-        """[P, 1, R * group, L] additive (0 / -inf): query rows are (row, head of the KV head's group)."""
+        """[P, 1, R * group or 1, L] additive (0 / -inf): query rows are (row, head of the KV head's group)."""
         key = (group, dtype)
         if key not in bucket["masks"]:
             a = bucket["allowed"]
             p, r, n_keys = a.shape
-            a = a[:, None, :, None, :].expand(p, 1, r, group, n_keys).reshape(p, 1, r * group, n_keys)
+            if bool((a == a[:, :1]).all()):  # every row sees the same keys (decodes): one row, broadcast
+                a = a[:, None, :1]
+            else:
+                a = a[:, None, :, None, :].expand(p, 1, r, group, n_keys).reshape(p, 1, r * group, n_keys)
             bucket["masks"][key] = torch.zeros(a.shape, dtype=dtype, device=a.device).masked_fill(~a, float("-inf"))
         return bucket["masks"][key]
 
@@ -189,10 +194,17 @@ def _attend(q, k_cache, v_cache, plan: TorchPlan, scale: float) -> torch.Tensor:
         out, lse = _sdpa_lse(qb, k, v, plan.mask(b, group, q.dtype), scale)
         outs.append(out.view(p, hkv, r, group, d).permute(0, 2, 1, 3, 4).reshape(p * r, hq, d))
         lses.append(lse.view(p, hkv, r, group).permute(0, 2, 1, 3).reshape(p * r, hq))
-    if plan.merge.shape[1] == 1:  # every row on one part: no merging
-        out = outs[0] if len(outs) == 1 else torch.cat(outs)
-        return out.index_select(0, plan.merge[:, 0])
-    # softmax over the union of a row's parts = its partial results weighted by their shares of the total mass
+    depth = plan.merge.shape[1]
+    if depth <= 2:
+        out_all = outs[0] if len(outs) == 1 else torch.cat(outs)
+        first = out_all.index_select(0, plan.merge[:, 0])
+        if depth == 1:  # every row on one part: no merging
+            return first
+        # softmax over the union of two parts = the two partial results weighted by their shares of the mass
+        lse_all = lses[0] if len(lses) == 1 else torch.cat(lses)
+        share = torch.sigmoid(lse_all.index_select(0, plan.merge[:, 0]) - lse_all.index_select(0, plan.merge[:, 1]))
+        return torch.lerp(out_all.index_select(0, plan.merge[:, 1]), first, share[..., None].to(q.dtype))
+    # the same over any number of parts, through a softmax of their log-sum-exps
     outs.append(q.new_zeros(1, hq, d))
     lses.append(torch.full((1, hq), float("-inf"), dtype=lses[0].dtype, device=q.device))
     out_all, lse_all = torch.cat(outs), torch.cat(lses)

@@ -161,3 +161,18 @@ def test_buckets_weigh_padding_against_calls():
     assert [0] in groups
     # one tiny part is cheaper to pad than to launch on its own
     assert len(_buckets([(10, 1), (9, 1)])) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_two_level_merge_with_rows_on_one_part(dtype):
+    """One level of sharing (the fast two-way merge): children of one prompt, one of them just forked (all its
+    context shared), next to an unrelated sequence whose row has a single part."""
+    tables, lens, pool = _tree_tables([(-1, 0, 12), (0, 3, 5), (0, 3, 0), (-1, 0, 9)])
+    tables, lens = tables[1:], lens[1:]
+    k_cache, v_cache = _caches(pool, dtype, seed=3)
+    plan = plan_torch(k_cache, tables, lens)
+    assert plan.merge.shape[1] == 2
+    q = torch.randn(3, HKV * 2, D).to(dtype)
+    out = paged_decode_attention(q, k_cache, v_cache, tables, lens, plan=plan)
+    torch.testing.assert_close(out.float(), paged_decode_attention_reference(q, k_cache, v_cache, tables, lens).float(),
+                               **TOL[dtype])
