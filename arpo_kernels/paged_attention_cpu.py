@@ -97,7 +97,7 @@ class TorchPlan:
     """One batch's index work: its parts grouped into padded buckets, and per query row where its partial
     results land. Rows are the rows of q: one per decoding sequence, q_len per prefill/extend chunk."""
 
-    def __init__(self, block_tables, context_lens, cu_seqlens_q, num_blocks: int, block_size: int):
+    def __init__(self, block_tables, context_lens, cu_seqlens_q, block_size: int):
         dev = block_tables.device
         self.block_size = block_size
         lens = context_lens.tolist()
@@ -107,7 +107,6 @@ class TorchPlan:
         else:
             cu = cu_seqlens_q.tolist()
             starts, q_lens = cu[:-1], [b - a for a, b in zip(cu, cu[1:])]
-        self.num_rows = sum(q_lens)
         tables = [row[:-(-length // block_size)] for row, length in zip(block_tables.tolist(), lens)]
         parts = split_shared(tables)
         rows = [list(range(s, s + q)) for s, q in zip(starts, q_lens)]
@@ -117,7 +116,7 @@ class TorchPlan:
         keep = [i for i, r in enumerate(part_rows) if r]  # members with no queries this step (q_len 0) drop out
         parts, part_rows, part_pos = [parts[i] for i in keep], [part_rows[i] for i in keep], [part_pos[i] for i in keep]
         self.buckets = []
-        partials: list[list[int]] = [[] for _ in range(self.num_rows)]  # per row, its partial results' indices
+        partials: list[list[int]] = [[] for _ in range(sum(q_lens))]  # per row, its partial results' indices
         base = 0
         for members in _buckets([(len(parts[i].blocks), len(part_rows[i])) for i in range(len(parts))]):
             width = max(len(parts[i].blocks) for i in members)
@@ -164,7 +163,7 @@ class TorchPlan:
 def plan_torch(k_cache, block_tables, context_lens, cu_seqlens_q=None) -> TorchPlan:
     """Precompute the CPU path's indices for a batch (pass the plan to every layer's attention call).
     `cu_seqlens_q=None`: a pure decode batch, one query row per sequence."""
-    return TorchPlan(block_tables, context_lens, cu_seqlens_q, k_cache.shape[0], k_cache.shape[1])
+    return TorchPlan(block_tables, context_lens, cu_seqlens_q, k_cache.shape[1])
 
 
 # ---- attention -----------------------------------------------------------------------------------------------
@@ -184,6 +183,7 @@ def _attend(q, k_cache, v_cache, plan: TorchPlan, scale: float) -> torch.Tensor:
     hq, d = q.shape[1:]
     hkv = k_cache.shape[2]
     group = hq // hkv
+    depth = plan.merge.shape[1]
     outs, lses = [], []
     for b in plan.buckets:
         p, r = b["q_index"].shape
@@ -193,8 +193,8 @@ def _attend(q, k_cache, v_cache, plan: TorchPlan, scale: float) -> torch.Tensor:
         qb = q[b["q_index"].view(-1)].view(p, r, hkv, group, d).permute(0, 2, 1, 3, 4).reshape(p, hkv, r * group, d)
         out, lse = _sdpa_lse(qb, k, v, plan.mask(b, group, q.dtype), scale)
         outs.append(out.view(p, hkv, r, group, d).permute(0, 2, 1, 3, 4).reshape(p * r, hq, d))
-        lses.append(lse.view(p, hkv, r, group).permute(0, 2, 1, 3).reshape(p * r, hq))
-    depth = plan.merge.shape[1]
+        if depth > 1:  # the log-sum-exps only weigh partial results against each other
+            lses.append(lse.view(p, hkv, r, group).permute(0, 2, 1, 3).reshape(p * r, hq))
     if depth <= 2:
         out_all = outs[0] if len(outs) == 1 else torch.cat(outs)
         first = out_all.index_select(0, plan.merge[:, 0])
@@ -228,12 +228,11 @@ def _prefill_torch(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens
 
 
 # ---- the compiled decode step's attention (arpo.engine.compiled_decode) ---------------------------------------
-def _plain_part(tables, lens, block_size: int, rows) -> dict:
+def _plain_part(tables, lens, block_size: int) -> dict:
     """Every sequence's whole table, padded to the widest: static shapes, no host work (torch.compile traces it)."""
     width = tables.shape[1]
     valid = torch.arange(width * block_size, device=lens.device)[None, :] < lens[:, None]
-    return {"kind": "plain", "rows": rows, "idx": tables.reshape(-1), "width": width,
-            "mask": valid[:, None, None, :]}
+    return {"idx": tables.reshape(-1), "width": width, "mask": valid[:, None, None, :]}
 
 
 def _attend_plain(q, k_cache, v_cache, part, block_size: int, scale: float) -> torch.Tensor:

@@ -119,7 +119,7 @@ def _compiled_decode_attention(q, k, v, k_cache, v_cache, ctx: AttentionContext,
     k_cache.view(-1, h, d).index_copy_(0, ctx.slot_mapping, k)
     v_cache.view(-1, h, d).index_copy_(0, ctx.slot_mapping, v)
     if "plain" not in ctx.cache:
-        ctx.cache["plain"] = _plain_part(ctx.block_tables.long(), ctx.context_lens.long(), k_cache.shape[1], None)
+        ctx.cache["plain"] = _plain_part(ctx.block_tables.long(), ctx.context_lens.long(), k_cache.shape[1])
     return _attend_plain(q, k_cache, v_cache, ctx.cache["plain"], k_cache.shape[1], scale)
 
 
