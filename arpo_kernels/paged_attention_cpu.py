@@ -174,9 +174,21 @@ def _gather_blocks(cache, idx, n: int, width: int, block_size: int) -> torch.Ten
 
 
 def _sdpa_lse(q, k, v, mask, scale):
-    """SDPA that also returns the rows' log-sum-exps (for merging partial attentions). [.., R, D], [.., R]."""
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask,
-                                                                      scale=scale)
+    """SDPA that also returns the rows' log-sum-exps (for merging partial attentions). [.., R, D], [.., R].
+
+    The CPU's flash kernel returns them; elsewhere (the PyTorch reference path run on CUDA) plain fp32 math."""
+    if q.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask,
+                                                                          scale=scale)
+    return _sdpa_lse_math(q, k, v, mask, scale)
+
+
+def _sdpa_lse_math(q, k, v, mask, scale):
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale + mask.float()
+    lse = torch.logsumexp(scores, dim=-1)
+    finite = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)  # fully masked rows: output 0, lse -inf
+    out = torch.matmul(torch.exp(scores - finite[..., None]), v.float())
+    return out.to(q.dtype), lse
 
 
 def _attend(q, k_cache, v_cache, plan: TorchPlan, scale: float) -> torch.Tensor:

@@ -131,6 +131,7 @@ def _engine_provider(case: Case):
             engine.release(c)
     run()
     run.extra = {"prefill_tokens": engine.stats["prefill_tokens"], "refed_tokens": engine.stats["refed_tokens"]}
+    run.engine = engine
     return run
 
 

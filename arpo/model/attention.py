@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from arpo_kernels.fused_ops import rotary_qk, rotary_reference
+
 from .context import AttentionContext
-from .layers import apply_rotary
 
 try:  # probed once; never required
     from flash_attn import flash_attn_varlen_func
@@ -136,8 +137,11 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext):
         T = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rotary(q.view(T, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rotary(k.view(T, self.num_kv_heads, self.head_dim), cos, sin)
+        q, k = q.view(T, self.num_heads, self.head_dim), k.view(T, self.num_kv_heads, self.head_dim)
+        if torch.is_grad_enabled():
+            q, k = rotary_reference(q, cos, sin), rotary_reference(k, cos, sin)
+        else:  # one fused launch for both (same numbers)
+            q, k = rotary_qk(q, k, cos, sin)
         v = v.view(T, self.num_kv_heads, self.head_dim)
         if ctx.kind == "varlen":
             o = varlen_attention(q, k, v, ctx, self.scale)

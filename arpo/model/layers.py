@@ -4,12 +4,15 @@ Numerics follow transformers' Qwen2 so that our logits match it: RMSNorm normali
 weight in the input dtype; RoPE angles are computed in fp32 and cast to the activation dtype; the rotation is
 the "rotate half" layout. The MLP keeps gate and up in one fused matrix (`gate_up_proj`, gate rows first) so a
 decode step runs one GEMM instead of two; loading.py splits and joins it against the checkpoint's names.
+The eager ops themselves live in `arpo_kernels.fused_ops` as the references of its fused kernels (which the
+model runs when autograd is off), so training and decoding share one definition.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from arpo_kernels.fused_ops import rms_norm_reference, silu_mul, silu_mul_reference
 
 
 class RMSNorm(nn.Module):
@@ -19,10 +22,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+        return rms_norm_reference(x, self.weight, self.eps)
 
 
 class RotaryEmbedding(nn.Module):
@@ -55,13 +55,6 @@ class RotaryEmbedding(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, D]; cos/sin [T, D]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
-
-
 class SwiGLU(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
@@ -70,5 +63,7 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        gate_up = self.gate_up_proj(x)
+        # autograd off: one fused launch (same numbers); on: the eager ops autograd differentiates
+        act = silu_mul(gate_up) if not torch.is_grad_enabled() else silu_mul_reference(gate_up)
+        return self.down_proj(act)

@@ -176,3 +176,24 @@ def test_two_level_merge_with_rows_on_one_part(dtype):
     out = paged_decode_attention(q, k_cache, v_cache, tables, lens, plan=plan)
     torch.testing.assert_close(out.float(), paged_decode_attention_reference(q, k_cache, v_cache, tables, lens).float(),
                                **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_math_lse_path_matches_reference(dtype, monkeypatch):
+    """Off the CPU (the reference path run on CUDA) the partial attentions come from plain fp32 math instead of
+    the CPU-only flash kernel; the same nested-sharing case, forced through it, must still be exact."""
+    import arpo_kernels.paged_attention_cpu as cpu_path
+
+    monkeypatch.setattr(cpu_path, "_sdpa_lse", cpu_path._sdpa_lse_math)
+    tables, lens, pool = _tree_tables(NESTED)
+    k_cache, v_cache = _caches(pool, dtype, seed=3)
+    q = torch.randn(len(lens) - 1, HKV * 4, D).to(dtype)
+    out = paged_decode_attention(q, k_cache, v_cache, tables[1:], lens[1:])
+    ref = paged_decode_attention_reference(q, k_cache, v_cache, tables[1:], lens[1:])
+    torch.testing.assert_close(out.float(), ref.float(), **TOL[dtype])
+    cu = torch.tensor([0, 3, 4, 9], dtype=torch.int32)  # chunks of 3, 1 and 5 tokens on three of the contexts
+    sel = [1, 4, 6]
+    qp = torch.randn(9, HKV * 4, D).to(dtype)
+    out = paged_prefill_attention(qp, k_cache, v_cache, tables[sel], cu, lens[sel])
+    ref = paged_prefill_attention_reference(qp, k_cache, v_cache, tables[sel], cu, lens[sel])
+    torch.testing.assert_close(out.float(), ref.float(), **TOL[dtype])

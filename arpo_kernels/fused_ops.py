@@ -1,0 +1,213 @@
+"""Position-wise ops of a Qwen2 block fused for no-grad forwards (decode steps, prefill): fewer, larger launches.
+
+Why: a decode step of a small model is bound by kernel count, not bytes — PyTorch's RMSNorm is seven elementwise
+kernels, rotary five per tensor, SiLU·up two — about 35 launches per layer where 10 do the work. Inside a CUDA
+graph each launch still costs a few microseconds of GPU time. These kernels do each op in one pass:
+
+    out, residual = add_rms_norm(x, residual, weight, eps)   # residual' = x + residual; out = RMSNorm(residual')
+    out = rms_norm(x, weight, eps)
+    q_rot, k_rot = rotary_qk(q, k, cos, sin)                  # "rotate half" RoPE on q and k in one launch
+    out = silu_mul(gate_up)                                   # silu(gate) * up, gate = first half of the rows
+
+Numerics are those of the PyTorch code in `arpo.model.layers` (transformers' Qwen2), including where it rounds to
+the activation dtype between ops, so that decoding and training see the same numbers: RMSNorm's statistics in
+fp32 and its weight multiplied in the activation dtype; rotary's two products each rounded before their sum;
+silu rounded before the multiply. Each function has a `*_reference` twin in plain PyTorch (the CPU path, and
+the tests' oracle). Not differentiable: the model uses them only when autograd is off.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from arpo_kernels._backend import use_triton
+
+_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Triton
+# ------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stride_r, stride_o, stride_ro,
+                     n, eps, HAS_RES: tl.constexpr, ACT: tl.constexpr, OUT: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:  # the residual stream's add, rounded to the activation dtype as the eager `x + residual` is
+        r = tl.load(res_ptr + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32)
+        s = (x + r).to(ACT)
+        tl.store(res_out_ptr + row * stride_ro + offs, s, mask=mask)
+        x = s.to(tl.float32)
+    var = tl.sum(x * x, axis=0) / n
+    h = (x * tl.rsqrt(var + eps)).to(ACT).to(tl.float32)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + offs, (w * h).to(OUT), mask=mask)
+
+
+@triton.jit
+def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
+                   stride_ct, stride_st, HQ: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr,
+                   HALF_PAD: tl.constexpr, ACT: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    offs = tl.arange(0, HALF_PAD)
+    mask = offs < HALF
+    c1 = tl.load(cos_ptr + t * stride_ct + offs, mask=mask, other=0.0).to(tl.float32)
+    c2 = tl.load(cos_ptr + t * stride_ct + HALF + offs, mask=mask, other=0.0).to(tl.float32)
+    s1 = tl.load(sin_ptr + t * stride_st + offs, mask=mask, other=0.0).to(tl.float32)
+    s2 = tl.load(sin_ptr + t * stride_st + HALF + offs, mask=mask, other=0.0).to(tl.float32)
+    if head < HQ:
+        src = q_ptr + t * stride_qt + head * stride_qh
+        dst = qo_ptr + (t * HQ + head) * (2 * HALF)
+    else:
+        src = k_ptr + t * stride_kt + (head - HQ) * stride_kh
+        dst = ko_ptr + (t * HKV + head - HQ) * (2 * HALF)
+    x1 = tl.load(src + offs, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF + offs, mask=mask, other=0.0).to(tl.float32)
+    # x * cos + rotate_half(x) * sin, each product rounded as the eager code rounds it
+    o1 = ((x1 * c1).to(ACT).to(tl.float32) + (-x2 * s1).to(ACT).to(tl.float32)).to(ACT)
+    o2 = ((x2 * c2).to(ACT).to(tl.float32) + (x1 * s2).to(ACT).to(tl.float32)).to(ACT)
+    tl.store(dst + offs, o1, mask=mask)
+    tl.store(dst + HALF + offs, o2, mask=mask)
+
+
+@triton.jit
+def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, inter, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < inter
+    g = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(x_ptr + row * stride_x + inter + offs, mask=mask, other=0.0).to(tl.float32)
+    s = (g / (1.0 + tl.exp(-g))).to(ACT).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + offs, (s * u).to(ACT), mask=mask)
+
+
+def _rms_norm_triton(x, weight, eps, residual):
+    n = x.shape[-1]
+    x2 = x.reshape(-1, n)
+    out_dtype = torch.promote_types(weight.dtype, x.dtype)
+    out = torch.empty(x2.shape, dtype=out_dtype, device=x.device)
+    rows = x2.shape[0]
+    has_res = residual is not None
+    r2 = residual.reshape(-1, n) if has_res else x2
+    res_out = torch.empty_like(x2, memory_format=torch.contiguous_format) if has_res else out
+    if rows:
+        block = triton.next_power_of_2(n)
+        _rms_norm_kernel[(rows,)](x2, r2, weight, out, res_out, x2.stride(0), r2.stride(0), out.stride(0),
+                                  res_out.stride(0), n, eps, HAS_RES=has_res, ACT=_TL[x.dtype],
+                                  OUT=_TL[out_dtype], BLOCK=block, num_warps=min(16, max(1, block // 256)))
+    out = out.view(x.shape)
+    return (out, res_out.view(x.shape)) if has_res else out
+
+
+def _rotary_triton(q, k, cos, sin):
+    t, hq, d = q.shape
+    hkv = k.shape[1]
+    q_out = torch.empty((t, hq, d), dtype=q.dtype, device=q.device)
+    k_out = torch.empty((t, hkv, d), dtype=k.dtype, device=k.device)
+    if t:
+        half = d // 2
+        _rotary_kernel[(t, hq + hkv)](q, k, cos, sin, q_out, k_out, q.stride(0), q.stride(1), k.stride(0),
+                                      k.stride(1), cos.stride(0), sin.stride(0), HQ=hq, HKV=hkv, HALF=half,
+                                      HALF_PAD=triton.next_power_of_2(half), ACT=_TL[q.dtype], num_warps=1)
+    return q_out, k_out
+
+
+def _silu_mul_triton(x):
+    inter = x.shape[-1] // 2
+    x2 = x.reshape(-1, x.shape[-1])
+    out = torch.empty((x2.shape[0], inter), dtype=x.dtype, device=x.device)
+    if x2.shape[0]:
+        block = min(1024, triton.next_power_of_2(inter))
+        _silu_mul_kernel[(x2.shape[0], triton.cdiv(inter, block))](x2, out, x2.stride(0), out.stride(0), inter,
+                                                                    ACT=_TL[x.dtype], BLOCK=block, num_warps=4)
+    return out.view(*x.shape[:-1], inter)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# PyTorch references (the eager code of arpo.model.layers, op for op)
+# ------------------------------------------------------------------------------------------------------------
+def rms_norm_reference(x, weight, eps):
+    dtype = x.dtype
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
+def add_rms_norm_reference(x, residual, weight, eps):
+    residual = x + residual
+    return rms_norm_reference(residual, weight, eps), residual
+
+
+def rotary_reference(x, cos, sin):
+    """x [T, heads, D]; cos/sin [T, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+def silu_mul_reference(x):
+    gate, up = x.split(x.shape[-1] // 2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Public
+# ------------------------------------------------------------------------------------------------------------
+def _check_rows(name: str, x: torch.Tensor, n: int | None = None) -> None:
+    if x.dtype not in _TL:
+        raise ValueError(f"{name} dtype {x.dtype} is not supported (float32, bfloat16, float16)")
+    if x.stride(-1) != 1:
+        raise ValueError(f"{name} must have a unit last stride, got strides {x.stride()}")
+    if n is not None and x.shape[-1] != n:
+        raise ValueError(f"{name} last dimension {x.shape[-1]} != {n}")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension (statistics in fp32, weight applied in the activation dtype)."""
+    if not use_triton(x):
+        return rms_norm_reference(x, weight, eps)
+    _check_rows("x", x, weight.shape[0])
+    return _rms_norm_triton(x.contiguous(), weight.contiguous(), eps, None)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """(RMSNorm(x + residual), x + residual): the residual stream's add fused into the next norm."""
+    if x.shape != residual.shape or x.dtype != residual.dtype:
+        raise ValueError(f"x {tuple(x.shape)}/{x.dtype} and residual {tuple(residual.shape)}/{residual.dtype} "
+                         "must match")
+    if not use_triton(x):
+        return add_rms_norm_reference(x, residual, weight, eps)
+    _check_rows("x", x, weight.shape[0])
+    return _rms_norm_triton(x.contiguous(), weight.contiguous(), eps, residual.contiguous())
+
+
+def rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Rotate q [T, Hq, D] and k [T, Hkv, D] (strided views of a fused qkv output are fine) by cos/sin [T, D];
+    returns new contiguous tensors."""
+    if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2] or cos.shape != (q.shape[0], q.shape[2]) \
+            or sin.shape != cos.shape:
+        raise ValueError(f"rotary_qk: q {tuple(q.shape)}, k {tuple(k.shape)}, cos {tuple(cos.shape)}, "
+                         f"sin {tuple(sin.shape)} do not fit [T, H, D], [T, D]")
+    if q.shape[2] % 2:
+        raise ValueError(f"rotary needs an even head_dim, got {q.shape[2]}")
+    if not use_triton(q):
+        return rotary_reference(q, cos, sin), rotary_reference(k, cos, sin)
+    for name, x in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
+        _check_rows(name, x)
+    if k.dtype != q.dtype:
+        raise ValueError(f"q dtype {q.dtype} differs from k dtype {k.dtype}")
+    return _rotary_triton(q, k, cos, sin)
+
+
+def silu_mul(x: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for x = [..., 2 * I] holding gate then up."""
+    if x.shape[-1] % 2:
+        raise ValueError(f"silu_mul needs an even last dimension (gate | up), got {x.shape[-1]}")
+    if not use_triton(x):
+        return silu_mul_reference(x)
+    _check_rows("x", x)
+    return _silu_mul_triton(x)

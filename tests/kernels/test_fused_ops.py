@@ -1,0 +1,110 @@
+"""Fused position-wise ops (RMSNorm with the residual add, rotary on q and k, SiLU·up) against the eager code they
+replace. In fp32 the Triton path equals the reference to rounding; in bf16 it rounds where the eager code
+rounds, so results are mostly bit-equal and otherwise off by a bf16 ulp or two (a statistic that differs in its
+last bit, rounded twice)."""
+import pytest
+import torch
+
+from arpo_kernels.fused_ops import (
+    add_rms_norm,
+    add_rms_norm_reference,
+    rms_norm,
+    rms_norm_reference,
+    rotary_qk,
+    rotary_reference,
+    silu_mul,
+    silu_mul_reference,
+)
+from arpo.model.layers import RotaryEmbedding
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _close(out, ref, dtype):
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    elif out.is_cuda:  # two bf16 ulps at most, and almost everywhere exact
+        torch.testing.assert_close(out.float(), ref.float(), atol=1e-2, rtol=1.6e-2)
+        assert (out == ref).float().mean() > 0.95
+    else:  # Triton's CPU interpreter truncates fp32 -> bf16 (CUDA rounds to nearest): a few ulps
+        torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=3 * 2**-7)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [64, 80])
+def test_rms_norm(backend, dtype, n):
+    x = torch.randn(5, n).to(dtype) * 3
+    w = (torch.rand(n) + 0.5).to(dtype)
+    _close(rms_norm(x, w, 1e-6), rms_norm_reference(x, w, 1e-6), dtype)
+    r = torch.randn(5, n).to(dtype)
+    out, res = add_rms_norm(x, r, w, 1e-6)
+    ref_out, ref_res = add_rms_norm_reference(x, r, w, 1e-6)
+    if res.is_cuda or dtype == torch.float32:
+        assert torch.equal(res, ref_res)  # the residual add rounds exactly like the eager add
+    _close(res, ref_res, dtype)
+    _close(out, ref_out, dtype)
+
+
+def test_rms_norm_promotes_like_eager(backend):
+    """An fp32 weight over bf16 activations gives fp32 output, as `weight * h.to(dtype)` does."""
+    x = torch.randn(3, 32).bfloat16()
+    w = torch.rand(32) + 0.5
+    out = rms_norm(x, w, 1e-6)
+    assert out.dtype == torch.float32
+    _close(out, rms_norm_reference(x, w, 1e-6), torch.bfloat16)  # h is rounded to bf16 before the weight
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_on_strided_qkv_views(backend, dtype):
+    t, hq, hkv, d = 6, 4, 2, 16
+    qkv = torch.randn(t, (hq + 2 * hkv) * d).to(dtype)
+    q, k, _ = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+    q, k = q.view(t, hq, d), k.view(t, hkv, d)  # non-contiguous, as the fused projection leaves them
+    cos, sin = RotaryEmbedding(d, 10000.0)(torch.tensor([0, 3, 7, 100, 2047, 5]), dtype)
+    q_rot, k_rot = rotary_qk(q, k, cos, sin)
+    assert q_rot.is_contiguous() and k_rot.is_contiguous()
+    _close(q_rot, rotary_reference(q, cos, sin), dtype)
+    _close(k_rot, rotary_reference(k, cos, sin), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("inter", [48, 1100])
+def test_silu_mul(backend, dtype, inter):
+    x = torch.randn(3, 2 * inter).to(dtype) * 4
+    _close(silu_mul(x), silu_mul_reference(x), dtype)
+
+
+def test_empty_and_bad_inputs(backend):
+    w = torch.ones(8)
+    assert rms_norm(torch.empty(0, 8), w, 1e-6).shape == (0, 8)
+    assert silu_mul(torch.empty(0, 16)).shape == (0, 8)
+    with pytest.raises(ValueError, match="even last dimension"):
+        silu_mul(torch.randn(2, 7))
+    with pytest.raises(ValueError, match="must match"):
+        add_rms_norm(torch.randn(2, 8), torch.randn(3, 8), w, 1e-6)
+    with pytest.raises(ValueError, match="do not fit"):
+        rotary_qk(torch.randn(2, 2, 8), torch.randn(2, 1, 8), torch.randn(3, 8), torch.randn(3, 8))
+
+
+def test_model_inference_forward_equals_training_forward(backend):
+    """The model's no-grad forward (fused kernels, residual carried into the next norm) gives the numbers of its
+    autograd forward, which is the eager layer code."""
+    import transformers
+
+    from arpo.model import Qwen2Model
+    from arpo.model.config import ModelConfig
+
+    cfg = ModelConfig.from_dict(transformers.Qwen2Config(
+        vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2).to_dict())
+    torch.manual_seed(0)
+    model = Qwen2Model(cfg)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    ids = torch.randint(0, 97, (9,))
+    pos = torch.arange(9)
+    with torch.no_grad():
+        fast = model(ids, pos)
+    slow = model(ids, pos)
+    assert slow.requires_grad
+    torch.testing.assert_close(fast, slow.detach(), atol=1e-5, rtol=1e-5)
