@@ -250,7 +250,7 @@ def sample(
     else:
         tokens, logprobs, entropies, lse = _sample_torch(logits, temperature, seeds, offsets)
     V = logits.shape[1]
-    rows = _filter_rows(temperature, top_p, top_k, V)
+    rows = _filter_rows(temperature, top_p, top_k, V) if has_filter is not False else None
     if has_filter is None:
         has_filter = bool(rows.any())
     if has_filter:

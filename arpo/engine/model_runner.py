@@ -62,13 +62,16 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk], tables: list[list[int]]):
         """Forward every chunk; returns (sampling chunks, tokens, logprobs, entropies) as host lists."""
+        decode = all(c.num_tokens == 1 for c in chunks)
+        if isinstance(self.graphs, DecodeGraphs) and decode \
+                and self.graphs.fits(len(chunks), max(len(t) for t in tables)):
+            return self._run_graph(chunks, tables)
         dev = self.device
         ids = torch.tensor([t for c in chunks for t in c.seq.token_ids[c.start:c.start + c.num_tokens]],
                            dtype=torch.int64, device=dev)
         pos = torch.tensor([p for c in chunks for p in range(c.start, c.start + c.num_tokens)],
                            dtype=torch.int64, device=dev)
-        if self.graphs is not None and all(c.num_tokens == 1 for c in chunks) \
-                and self.graphs.fits(len(chunks), max(len(t) for t in tables)):
+        if self.graphs is not None and decode and self.graphs.fits(len(chunks), max(len(t) for t in tables)):
             hidden = self.graphs.run([c.seq.token_ids[c.start] for c in chunks], [c.start for c in chunks],
                                      [c.slots[0] for c in chunks], tables, [c.start + 1 for c in chunks])
             cu = list(range(len(chunks) + 1))
@@ -80,15 +83,40 @@ class ModelRunner:
             return [], [], [], []
         rows = torch.tensor([cu[i + 1] - 1 for i in sampling], dtype=torch.int64, device=dev)
         logits = self.model.compute_logits(hidden.index_select(0, rows))
-        params = [chunks[i].seq.params for i in sampling]
         seqs = [chunks[i].seq for i in sampling]
+        host = self._sample_eager(logits, seqs).cpu()  # the step's one sync
+        return ([chunks[i] for i in sampling], host[0].long().tolist(), host[1].tolist(), host[2].tolist())
+
+    def _sample_eager(self, logits: torch.Tensor, seqs: list) -> torch.Tensor:
+        """Sample one token per row of `logits` for `seqs`; [3, n] fp64 (tokens, log-probs, entropies)."""
+        dev = self.device
+        params = [s.params for s in seqs]
         temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev)
         top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev)
         top_k = torch.tensor([p.top_k for p in params], dtype=torch.int64, device=dev)
         seeds = torch.tensor([s.seed for s in seqs], dtype=torch.int64, device=dev)
         offsets = torch.tensor([s.num_tokens for s in seqs], dtype=torch.int64, device=dev)
-        has_filter = any(p.temperature > 0 and (p.top_p < 1 or p.top_k > 0) for p in params)
+        has_filter = any(_filters(p) for p in params)
         tokens, logprobs, entropies = sample(logits, temperature, top_p, top_k, seeds, offsets,
                                              has_filter=has_filter)
-        host = torch.stack([tokens.double(), logprobs.double(), entropies.double()]).cpu()  # the step's one sync
+        return torch.stack([tokens.double(), logprobs.double(), entropies.double()])
+
+    def _run_graph(self, chunks: list[ScheduledChunk], tables: list[list[int]]):
+        """A decode step replayed from a CUDA graph (forward, logits and unfiltered sampling together)."""
+        seqs = [c.seq for c in chunks]
+        params = [s.params for s in seqs]
+        logits, sampled = self.graphs.run(
+            [s.token_ids[c.start] for s, c in zip(seqs, chunks)], [c.start for c in chunks],
+            [c.slots[0] for c in chunks], tables, [c.start + 1 for c in chunks], [p.temperature for p in params],
+            [s.seed for s in seqs], [s.num_tokens for s in seqs])
+        if any(_filters(p) for p in params):  # top-k/top-p rows: sample again from the graph's logits, eagerly
+            sampled = self._sample_eager(logits, seqs)
+        host = sampled.cpu()  # the step's one sync
+        sampling = [i for i, c in enumerate(chunks) if c.samples]
+        if len(sampling) < len(chunks):
+            host = host[:, sampling]
         return ([chunks[i] for i in sampling], host[0].long().tolist(), host[1].tolist(), host[2].tolist())
+
+
+def _filters(p) -> bool:
+    return p.temperature > 0 and (p.top_p < 1 or p.top_k > 0)
