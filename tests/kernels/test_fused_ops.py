@@ -32,11 +32,11 @@ def _close(out, ref, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", [64, 80])
-def test_rms_norm(backend, dtype, n):
-    x = torch.randn(5, n).to(dtype) * 3
-    w = (torch.rand(n) + 0.5).to(dtype)
+def test_rms_norm(backend, device, dtype, n):
+    x = (torch.randn(5, n).to(dtype) * 3).to(device)
+    w = (torch.rand(n) + 0.5).to(dtype).to(device)
     _close(rms_norm(x, w, 1e-6), rms_norm_reference(x, w, 1e-6), dtype)
-    r = torch.randn(5, n).to(dtype)
+    r = torch.randn(5, n).to(dtype).to(device)
     out, res = add_rms_norm(x, r, w, 1e-6)
     ref_out, ref_res = add_rms_norm_reference(x, r, w, 1e-6)
     if res.is_cuda or dtype == torch.float32:
@@ -45,22 +45,22 @@ def test_rms_norm(backend, dtype, n):
     _close(out, ref_out, dtype)
 
 
-def test_rms_norm_promotes_like_eager(backend):
+def test_rms_norm_promotes_like_eager(backend, device):
     """An fp32 weight over bf16 activations gives fp32 output, as `weight * h.to(dtype)` does."""
-    x = torch.randn(3, 32).bfloat16()
-    w = torch.rand(32) + 0.5
+    x = torch.randn(3, 32).bfloat16().to(device)
+    w = (torch.rand(32) + 0.5).to(device)
     out = rms_norm(x, w, 1e-6)
     assert out.dtype == torch.float32
     _close(out, rms_norm_reference(x, w, 1e-6), torch.bfloat16)  # h is rounded to bf16 before the weight
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rotary_on_strided_qkv_views(backend, dtype):
+def test_rotary_on_strided_qkv_views(backend, device, dtype):
     t, hq, hkv, d = 6, 4, 2, 16
-    qkv = torch.randn(t, (hq + 2 * hkv) * d).to(dtype)
+    qkv = torch.randn(t, (hq + 2 * hkv) * d).to(dtype).to(device)
     q, k, _ = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
     q, k = q.view(t, hq, d), k.view(t, hkv, d)  # non-contiguous, as the fused projection leaves them
-    cos, sin = RotaryEmbedding(d, 10000.0)(torch.tensor([0, 3, 7, 100, 2047, 5]), dtype)
+    cos, sin = RotaryEmbedding(d, 10000.0).to(device)(torch.tensor([0, 3, 7, 100, 2047, 5], device=device), dtype)
     q_rot, k_rot = rotary_qk(q, k, cos, sin)
     assert q_rot.is_contiguous() and k_rot.is_contiguous()
     _close(q_rot, rotary_reference(q, cos, sin), dtype)
@@ -69,24 +69,24 @@ def test_rotary_on_strided_qkv_views(backend, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("inter", [48, 1100])
-def test_silu_mul(backend, dtype, inter):
-    x = torch.randn(3, 2 * inter).to(dtype) * 4
+def test_silu_mul(backend, device, dtype, inter):
+    x = (torch.randn(3, 2 * inter).to(dtype) * 4).to(device)
     _close(silu_mul(x), silu_mul_reference(x), dtype)
 
 
-def test_empty_and_bad_inputs(backend):
-    w = torch.ones(8)
-    assert rms_norm(torch.empty(0, 8), w, 1e-6).shape == (0, 8)
-    assert silu_mul(torch.empty(0, 16)).shape == (0, 8)
+def test_empty_and_bad_inputs(backend, device):
+    w = torch.ones(8, device=device)
+    assert rms_norm(torch.empty(0, 8, device=device), w, 1e-6).shape == (0, 8)
+    assert silu_mul(torch.empty(0, 16, device=device)).shape == (0, 8)
     with pytest.raises(ValueError, match="even last dimension"):
-        silu_mul(torch.randn(2, 7))
+        silu_mul(torch.randn(2, 7, device=device))
     with pytest.raises(ValueError, match="must match"):
-        add_rms_norm(torch.randn(2, 8), torch.randn(3, 8), w, 1e-6)
+        add_rms_norm(torch.randn(2, 8, device=device), torch.randn(3, 8, device=device), w, 1e-6)
     with pytest.raises(ValueError, match="do not fit"):
-        rotary_qk(torch.randn(2, 2, 8), torch.randn(2, 1, 8), torch.randn(3, 8), torch.randn(3, 8))
+        rotary_qk(*(torch.randn(*shape, device=device) for shape in ((2, 2, 8), (2, 1, 8), (3, 8), (3, 8))))
 
 
-def test_model_inference_forward_equals_training_forward(backend):
+def test_model_inference_forward_equals_training_forward(backend, device):
     """The model's no-grad forward (fused kernels, residual carried into the next norm) gives the numbers of its
     autograd forward, which is the eager layer code."""
     import transformers
@@ -101,8 +101,9 @@ def test_model_inference_forward_equals_training_forward(backend):
     model = Qwen2Model(cfg)
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.2)
-    ids = torch.randint(0, 97, (9,))
-    pos = torch.arange(9)
+    model.to(device)
+    ids = torch.randint(0, 97, (9,), device=device)
+    pos = torch.arange(9, device=device)
     with torch.no_grad():
         fast = model(ids, pos)
     slow = model(ids, pos)
