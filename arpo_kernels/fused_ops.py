@@ -157,18 +157,21 @@ def silu_mul_reference(x):
 # ------------------------------------------------------------------------------------------------------------
 # Public
 # ------------------------------------------------------------------------------------------------------------
-def _check_rows(name: str, x: torch.Tensor, n: int | None = None) -> None:
+_MAX_ROW = 65536  # one program holds a whole RMSNorm row; wider rows take the reference path
+
+
+def _check_rows(name: str, x: torch.Tensor, n: int | None = None) -> torch.Tensor:
+    """Dtype and width checks; returns `x` with a unit last stride (the kernels index rows by stride)."""
     if x.dtype not in _TL:
         raise ValueError(f"{name} dtype {x.dtype} is not supported (float32, bfloat16, float16)")
-    if x.stride(-1) != 1:
-        raise ValueError(f"{name} must have a unit last stride, got strides {x.stride()}")
     if n is not None and x.shape[-1] != n:
         raise ValueError(f"{name} last dimension {x.shape[-1]} != {n}")
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dimension (statistics in fp32, weight applied in the activation dtype)."""
-    if not use_triton(x):
+    if not use_triton(x) or x.shape[-1] > _MAX_ROW:
         return rms_norm_reference(x, weight, eps)
     _check_rows("x", x, weight.shape[0])
     return _rms_norm_triton(x.contiguous(), weight.contiguous(), eps, None)
@@ -179,7 +182,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
     if x.shape != residual.shape or x.dtype != residual.dtype:
         raise ValueError(f"x {tuple(x.shape)}/{x.dtype} and residual {tuple(residual.shape)}/{residual.dtype} "
                          "must match")
-    if not use_triton(x):
+    if not use_triton(x) or x.shape[-1] > _MAX_ROW:
         return add_rms_norm_reference(x, residual, weight, eps)
     _check_rows("x", x, weight.shape[0])
     return _rms_norm_triton(x.contiguous(), weight.contiguous(), eps, residual.contiguous())
@@ -196,10 +199,9 @@ def rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Te
         raise ValueError(f"rotary needs an even head_dim, got {q.shape[2]}")
     if not use_triton(q):
         return rotary_reference(q, cos, sin), rotary_reference(k, cos, sin)
-    for name, x in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
-        _check_rows(name, x)
     if k.dtype != q.dtype:
         raise ValueError(f"q dtype {q.dtype} differs from k dtype {k.dtype}")
+    q, k, cos, sin = (_check_rows(name, x) for name, x in (("q", q), ("k", k), ("cos", cos), ("sin", sin)))
     return _rotary_triton(q, k, cos, sin)
 
 
@@ -209,5 +211,4 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"silu_mul needs an even last dimension (gate | up), got {x.shape[-1]}")
     if not use_triton(x):
         return silu_mul_reference(x)
-    _check_rows("x", x)
-    return _silu_mul_triton(x)
+    return _silu_mul_triton(_check_rows("x", x))

@@ -36,6 +36,8 @@ def test_rms_norm(backend, device, dtype, n):
     x = (torch.randn(5, n).to(dtype) * 3).to(device)
     w = (torch.rand(n) + 0.5).to(dtype).to(device)
     _close(rms_norm(x, w, 1e-6), rms_norm_reference(x, w, 1e-6), dtype)
+    xt = x.t().contiguous().t()  # the same values with a non-unit last stride
+    _close(rms_norm(xt, w, 1e-6), rms_norm_reference(x, w, 1e-6), dtype)
     r = torch.randn(5, n).to(dtype).to(device)
     out, res = add_rms_norm(x, r, w, 1e-6)
     ref_out, ref_res = add_rms_norm_reference(x, r, w, 1e-6)
