@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from arpo.engine.errors import OutOfBlocksError
 from arpo.engine.sequence import Sequence, SequenceStatus
 
 

@@ -31,7 +31,7 @@ def test_malformed_row_names_file_and_row(tmp_path, line, message):
     path.write_text(f"{good}\n\n{line}\n")
     with pytest.raises(ValueError) as err:
         read_jsonl_rows(str(path))
-    assert f"bad.jsonl, row 3" in str(err.value) and message in str(err.value)
+    assert "bad.jsonl, row 3" in str(err.value) and message in str(err.value)
 
 
 def test_empty_file(tmp_path):

@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 
-from arpo.algo import pack_trees
 from arpo.algo.synthetic import random_tree
 from arpo.config import load_config
 from arpo.data import load_embedded_tokenizer
