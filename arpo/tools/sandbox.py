@@ -152,6 +152,7 @@ class PythonSandbox(BaseTool):
         warm = child is not None
         if child is None:
             child = recipe.start()
+        in_pid_namespace = False
         try:
             # without a uid of its own the snippet shares RLIMIT_NPROC with the host's user: allow as many new
             # processes as max_processes on top of what that user runs now (counted when the code goes out)
@@ -159,8 +160,9 @@ class PythonSandbox(BaseTool):
             child.send(nproc, code)
             out, err, why = self._collect(child.proc, start)
             status = _read_all(child.status_r)
+            in_pid_namespace = status.startswith("iso ") and " pid=1 " in status.split("\n", 1)[0] + " "
         finally:
-            child.close()
+            child.close(in_pid_namespace=in_pid_namespace)
         return self._result(out, err, why, status, child.proc.returncode, time.perf_counter() - start, warm)
 
     def _collect(self, proc: subprocess.Popen, start: float) -> tuple[bytes, bytes, str]:

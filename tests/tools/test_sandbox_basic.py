@@ -63,3 +63,19 @@ def test_isolation_is_reported(sandbox):
 def test_bad_limits_raise():
     with pytest.raises(ValueError, match="positive"):
         PythonSandbox(timeout_s=0)
+
+
+def test_uid_hunt_only_where_no_pid_namespace_reaped_the_call(monkeypatch):
+    """A call whose bootstrap ran it in a PID namespace and exited by itself leaves nothing behind (the namespace's
+    init took everything with it), so the /proc hunt for its uid is skipped; without namespaces it still runs."""
+    import arpo.tools._sandbox_pool as pool
+
+    hunts = []
+    monkeypatch.setattr(pool, "kill_uid", lambda uid, rounds=50: hunts.append(uid) or 0)
+    isolated = PythonSandbox(timeout_s=5, prestart=0)
+    res = isolated.run("print(1)")
+    if os.geteuid() != 0 or "pid=1" not in res.meta["isolation"] or "uid=1" not in res.meta["isolation"]:
+        pytest.skip("needs root with PID namespaces (uid switching)")
+    assert res.ok and hunts == []
+    plain = PythonSandbox(timeout_s=5, prestart=0, namespaces=False)
+    assert plain.run("print(2)").text == "2" and len(hunts) == 1
