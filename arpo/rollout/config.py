@@ -8,9 +8,10 @@ reference code's), 3 tool calls, 4096 response tokens. The extra fields are the 
   `resubmit` is the reference's way — each global sample and each branch is added as a new sequence with its
   full prefix (use an engine with prefix caching off to measure it honestly). Same seeds → same tokens.
 - `sync_tools`: False (default) runs tool calls on the executor's pool while the batch keeps decoding and appends
-  each result at the first step after it is ready. True waits for all outstanding calls at the end of each step
-  (calls still run concurrently with each other): slower, but the step at which a result lands — and so which
-  trajectory takes the last unit of budget when M is reached — no longer depends on thread timing.
+  each result at the first step after it is ready. True fixes the step instead: a call made at step s runs while
+  step s+1 decodes the rest of the batch, and its result is appended right after step s+1 (waiting there if it
+  is not back yet; at once when nothing else is left to decode). The step at which a result lands — and so which
+  trajectory takes the last unit of budget when M is reached — then no longer depends on thread timing.
 """
 from __future__ import annotations
 

@@ -75,7 +75,8 @@ class TreeRollout:
         self._runs += 1
         self._by_seq: dict[int, Trajectory] = {}
         self._anchors: dict[int, PromptState] = {}
-        self._pending: dict = {}  # future -> (trajectory, submit time)
+        self._pending: dict = {}  # future -> (trajectory, submit time, engine step it was made after)
+        self._step_no = 0
         before = dict(self.engine.stats)
         t_start = time.perf_counter()
         self.stats = {"tool_calls": 0, "tool_wait_s": 0.0, "decode_s": 0.0, "peak_blocks": 0}
@@ -91,12 +92,15 @@ class TreeRollout:
             if self.engine.has_unfinished():
                 t0 = time.perf_counter()
                 outs = self.engine.step()
+                self._step_no += 1
                 self.stats["decode_s"] += time.perf_counter() - t0
                 bm = self.engine.block_manager
                 self.stats["peak_blocks"] = max(self.stats["peak_blocks"], bm.num_blocks - bm.num_free_blocks)
                 for out in outs:
                     self._on_token(out)
-                self._harvest(block=self.cfg.sync_tools)
+                t0 = time.perf_counter()
+                self._harvest(block=self.cfg.sync_tools, due_only=self.cfg.sync_tools)
+                self.stats["tool_wait_s"] += time.perf_counter() - t0
             elif self._pending:
                 t0 = time.perf_counter()
                 self._harvest(block=True)
@@ -235,26 +239,28 @@ class TreeRollout:
             return
         traj.calls += 1
         self.stats["tool_calls"] += 1
-        self._pending[self.tools.submit(call)] = (traj, time.perf_counter())
+        self._pending[self.tools.submit(call)] = (traj, time.perf_counter(), self._step_no)
 
     def _deadline(self) -> float | None:
         return self.cfg.tool_timeout_s or getattr(self.tools, "timeout_s", None)
 
-    def _harvest(self, block: bool) -> None:
+    def _harvest(self, block: bool, due_only: bool = False) -> None:
         """Append the results of finished (or overdue) calls; with `block`, wait for at least one first
-        (or, under sync_tools, for all of them)."""
-        if not self._pending:
+        (or, under sync_tools, for all of them). `due_only` (sync_tools, after a step): only the calls made before
+        this step are harvested, all of them, waiting as needed; the ones made in it run on through the next."""
+        pending = {f: v for f, v in self._pending.items() if v[2] < self._step_no} if due_only else self._pending
+        if not pending:
             return
         deadline = self._deadline()
         if block:
             now = time.perf_counter()
             left = None if deadline is None else max(
-                0.0, min(t0 + deadline - now for _, t0 in self._pending.values()))
+                0.0, min(t0 + deadline - now for _, t0, _ in pending.values()))
             mode = "ALL_COMPLETED" if self.cfg.sync_tools else FIRST_COMPLETED
-            wait_futures(list(self._pending), timeout=left, return_when=mode)
+            wait_futures(list(pending), timeout=left, return_when=mode)
         now = time.perf_counter()
         ready = []
-        for fut, (traj, t0) in self._pending.items():
+        for fut, (traj, t0, _) in pending.items():
             if fut.done():
                 ready.append((fut, traj, self.tools.result_of(fut)))
             elif deadline is not None and now - t0 >= deadline:

@@ -13,6 +13,22 @@ class EchoTool(BaseTool):
         return ToolResult(f"{len(text)} {text[::-1][:12]}", ok=True)
 
 
+class JitteryEchoTool(EchoTool):
+    """EchoTool's answers after a random delay (thread timing noise), logging when each call ran."""
+    cacheable = False
+
+    def __init__(self):
+        import random
+
+        self.rng, self.spans = random.Random(), []
+
+    def run(self, text: str) -> ToolResult:
+        start = time.perf_counter()
+        time.sleep(self.rng.uniform(0.0, 0.03))
+        self.spans.append((start, time.perf_counter()))
+        return super().run(text)
+
+
 class FailingTool(BaseTool):
     name, tag, cacheable = "failing", "q", False
 

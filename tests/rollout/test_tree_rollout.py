@@ -9,15 +9,19 @@ from arpo.rollout.branching import EntropyBrancher
 from arpo.rollout.toy_policy import tool_chain_policy
 from arpo.tools.base import RESULT_CLOSE, RESULT_OPEN
 
-from rollout_helpers import PROMPTS, FailingTool, HangingTool, make_engine, make_tools
+from rollout_helpers import PROMPTS, FailingTool, HangingTool, JitteryEchoTool, make_engine, make_tools
 
 K = 5
 
 
 def _run(policy, tool=None, engine_kw=None, tools_kw=None, brancher=None, prompts=PROMPTS, seed=0,
-         seed_indices=None, **cfg):
+         seed_indices=None, _steps=None, **cfg):
+    """`_steps`: a list that receives the time each engine step finished."""
     cfg = {"leaves": 8, "initial": 4, "probe_tokens": K, "max_response_tokens": 120, **cfg}
     engine = make_engine(policy, **(engine_kw or {}))
+    if _steps is not None:
+        step = engine.step
+        engine.step = lambda: (step(), _steps.append(time.perf_counter()))[0]
     tools = make_tools(tool, **(tools_kw or {}))
     ro = TreeRollout(engine, tools, RolloutConfig(**cfg), reward_fn=lambda text, gt, **row: float(len(text) % 3),
                      brancher=brancher)
@@ -228,6 +232,21 @@ def test_same_seed_same_trees(policy):
     c = [t.to_json() for t in _run(policy, sync_tools=True, seed=6)[0]]
     assert a == b and a != c
     assert all(RolloutTree.from_json(s).to_json() == s for s in a)
+
+
+def test_sync_tools_overlap_the_next_step_and_stay_deterministic(policy):
+    """Under sync_tools a call made after step s runs while step s+1 decodes the others and lands right after it:
+    tools of random latency give identical trees, and the engine stepped while calls were running."""
+    jittery = JitteryEchoTool()
+    steps: list[float] = []
+    runs = []
+    for _ in range(2):
+        trees, ro, engine = _run(policy, tool=jittery, sync_tools=True, seed=5, _steps=steps)
+        runs.append([t.to_json() for t in trees])
+    assert runs[0] == runs[1]
+    assert ro.stats["tool_calls"] > 3
+    overlapped = sum(1 for t in steps if any(a < t < b for a, b in jittery.spans))
+    assert overlapped > 0
 
 
 def _shape(tree: RolloutTree) -> list:
