@@ -61,6 +61,7 @@ class LLMEngine:
                                   decode_graphs=decode_graphs,
                                   max_batch=min(max_num_seqs, 256), max_model_len=self.max_model_len)
         self.seqs: dict[int, Sequence] = {}
+        self._pieces: dict[int, str] = {}  # token id -> its text alone (the stop-string pre-check)
         self._ids = itertools.count()
         self._arrivals = itertools.count()
         self._seed_rng = random.Random(seed)
@@ -253,6 +254,13 @@ class LLMEngine:
         return seq.completion(text)
 
     # --- internals -------------------------------------------------------------------------------------------
+    def _may_complete_stop(self, token_id: int, stops: tuple[str, ...]) -> bool:
+        """A cheap pre-check before `_match_stop` decodes the sequence's tail (twice) for every sampled token."""
+        piece = self._pieces.get(token_id)
+        if piece is None:
+            piece = self._pieces[token_id] = self.tokenizer.decode([token_id])
+        return _may_complete(piece, stops)
+
     def _get(self, seq_id: int) -> Sequence:
         try:
             return self.seqs[seq_id]
@@ -265,7 +273,7 @@ class LLMEngine:
         reason = stop = None
         if (not p.ignore_eos and tok == self.eos_token_id) or tok in p.stop_token_ids:
             reason, stop = "stop", tok
-        elif p.stop and self.tokenizer is not None:
+        elif p.stop and self.tokenizer is not None and self._may_complete_stop(tok, p.stop):
             stop = _match_stop(self.tokenizer, seq, p.stop)
             reason = "stop" if stop is not None else None
         if reason is None and (seq.num_sampled >= p.max_tokens or seq.num_tokens >= self.max_model_len):
@@ -274,6 +282,17 @@ class LLMEngine:
             seq.status = SequenceStatus.STOPPED
             seq.finish_reason, seq.stop_reason = reason, stop
             out.finished, out.finish_reason, out.stop_reason = True, reason, stop
+
+
+def _may_complete(piece: str, stops: tuple[str, ...]) -> bool:
+    """Can a stop string end inside a token whose own text is `piece`? Only if the piece holds its last character:
+    exact for ASCII last characters (byte-level tokens carry them whole); other last characters (and whitespace,
+    which some tokenizers strip from a lone token) always answer maybe."""
+    for s in stops:
+        last = s[-1]
+        if not last.isascii() or last.isspace() or last in piece:
+            return True
+    return False
 
 
 def _match_stop(tokenizer, seq: Sequence, stops: tuple[str, ...]) -> str | None:

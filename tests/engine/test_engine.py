@@ -217,3 +217,28 @@ def test_greedy_on_the_triton_kernels(models, monkeypatch):
     outs = _engine(ours).generate(prompts, SamplingParams(temperature=0, max_tokens=3))
     for prompt, out in zip(prompts, outs):
         assert out.token_ids == _hf_greedy(hf, prompt, 3)
+
+
+def test_stop_string_precheck_changes_nothing(monkeypatch):
+    """The per-token pre-check (a stop string can only end in a token whose own text holds its last character)
+    ends every sequence exactly where the full tail decode alone would."""
+    from arpo.engine import llm_engine
+    from arpo.rollout.toy_policy import tool_chain_policy
+
+    model, tok = tool_chain_policy("python", seed=0, device="cpu", noise=0.3)
+    prompts = [tok.encode(q, add_special_tokens=False) for q in ("Q: 12*34+5=?", "Q: 7*8+9=?", "Q: 1+1=?")]
+    stops = ("</python>", "=", "42")  # all pre-checkable
+    params = [SamplingParams(temperature=1.0, max_tokens=40, stop=stops, seed=s) for s in range(12)]
+
+    def run():
+        engine = LLMEngine(model, tokenizer=tok, block_size=8, num_blocks=512, max_model_len=256)
+        outs = engine.generate([prompts[i % 3] for i in range(12)], params)
+        return [(o.token_ids, o.finish_reason, o.stop_reason) for o in outs]
+
+    may = llm_engine._may_complete
+    assert not may("abc", stops) and may("x>", stops) and may("2", stops)
+    assert may("abc", ("é",)) and may("abc", ("a \n",))  # non-ASCII or whitespace last characters: always maybe
+    fast = run()
+    assert any(reason == "stop" for _, reason, _ in fast)
+    monkeypatch.setattr(llm_engine, "_may_complete", lambda piece, stops: True)
+    assert run() == fast
