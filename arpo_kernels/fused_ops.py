@@ -173,8 +173,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dimension (statistics in fp32, weight applied in the activation dtype)."""
     if not use_triton(x) or x.shape[-1] > _MAX_ROW:
         return rms_norm_reference(x, weight, eps)
-    _check_rows("x", x, weight.shape[0])
-    return _rms_norm_triton(x.contiguous(), weight.contiguous(), eps, None)
+    return _rms_norm_triton(_check_rows("x", x, weight.shape[0]), weight.contiguous(), eps, None)
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
@@ -184,8 +183,8 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
                          "must match")
     if not use_triton(x) or x.shape[-1] > _MAX_ROW:
         return add_rms_norm_reference(x, residual, weight, eps)
-    _check_rows("x", x, weight.shape[0])
-    return _rms_norm_triton(x.contiguous(), weight.contiguous(), eps, residual.contiguous())
+    return _rms_norm_triton(_check_rows("x", x, weight.shape[0]), weight.contiguous(), eps,
+                            _check_rows("residual", residual))
 
 
 def rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):

@@ -98,9 +98,12 @@ class TreeRollout:
                 self.stats["peak_blocks"] = max(self.stats["peak_blocks"], bm.num_blocks - bm.num_free_blocks)
                 for out in outs:
                     self._on_token(out)
-                t0 = time.perf_counter()
-                self._harvest(block=self.cfg.sync_tools, due_only=self.cfg.sync_tools)
-                self.stats["tool_wait_s"] += time.perf_counter() - t0
+                if self.cfg.sync_tools:  # may wait for the calls made before this step
+                    t0 = time.perf_counter()
+                    self._harvest(block=True, due_only=True)
+                    self.stats["tool_wait_s"] += time.perf_counter() - t0
+                else:
+                    self._harvest(block=False)
             elif self._pending:
                 t0 = time.perf_counter()
                 self._harvest(block=True)

@@ -160,7 +160,7 @@ class PythonSandbox(BaseTool):
             child.send(nproc, code)
             out, err, why = self._collect(child.proc, start)
             status = _read_all(child.status_r)
-            in_pid_namespace = status.startswith("iso ") and " pid=1 " in status.split("\n", 1)[0] + " "
+            in_pid_namespace = "pid=1" in _isolation(status).split()
         finally:
             child.close(in_pid_namespace=in_pid_namespace)
         return self._result(out, err, why, status, child.proc.returncode, time.perf_counter() - start, warm)
@@ -211,7 +211,7 @@ class PythonSandbox(BaseTool):
         stdout, bad_out = _decode(out)
         stderr, _ = _decode(err)
         lines = status.split("\n")
-        iso = next((line[4:] for line in lines if line.startswith("iso ")), "")
+        iso = _isolation(status)
         final = next((line for line in reversed(lines) if line and not line.startswith("iso ")), "")
         meta = {"isolation": iso, "returncode": rc, "warm": warm}
         if not why:
@@ -233,6 +233,11 @@ class PythonSandbox(BaseTool):
         if why:
             return ToolResult(f"{body}\n{why}" if body else why, False, latency, why, meta)
         return ToolResult(body, True, latency, "", meta)
+
+
+def _isolation(status: str) -> str:
+    """The bootstrap's `iso net=.. pid=.. uid=..` report from its status lines ('' if it never got that far)."""
+    return next((line[4:] for line in status.split("\n") if line.startswith("iso ")), "")
 
 
 def _read_all(fd: int) -> str:
