@@ -30,6 +30,22 @@ _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl
 # Triton
 # ------------------------------------------------------------------------------------------------------------
 @triton.jit
+def _rounded(x, ACT: tl.constexpr):
+    """fp32 `x` rounded to ACT's precision (nearest, ties to even), kept in fp32.
+
+    Why not `x.to(ACT).to(tl.float32)`: the compiler may fold that round trip away (and fuse what follows into an
+    FMA), and Triton's CPU interpreter truncates to bf16 instead of rounding. Integer ops are taken literally."""
+    if ACT == tl.bfloat16:
+        u = x.to(tl.uint32, bitcast=True)
+        u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+        return u.to(tl.float32, bitcast=True)
+    elif ACT == tl.float16:
+        return x.to(tl.float16).to(tl.float32)
+    else:
+        return x
+
+
+@triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stride_r, stride_o, stride_ro,
                      n, eps, HAS_RES: tl.constexpr, ACT: tl.constexpr, OUT: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -38,13 +54,12 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stri
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_RES:  # the residual stream's add, rounded to the activation dtype as the eager `x + residual` is
         r = tl.load(res_ptr + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32)
-        s = (x + r).to(ACT)
-        tl.store(res_out_ptr + row * stride_ro + offs, s, mask=mask)
-        x = s.to(tl.float32)
+        x = _rounded(x + r, ACT)
+        tl.store(res_out_ptr + row * stride_ro + offs, x.to(ACT), mask=mask)
     var = tl.sum(x * x, axis=0) / n
-    h = (x * tl.rsqrt(var + eps)).to(ACT).to(tl.float32)
+    h = _rounded(x * tl.rsqrt(var + eps), ACT)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_o + offs, (w * h).to(OUT), mask=mask)
+    tl.store(out_ptr + row * stride_o + offs, _rounded(w * h, OUT).to(OUT), mask=mask)
 
 
 @triton.jit
@@ -68,8 +83,8 @@ def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, stride_qt, st
     x1 = tl.load(src + offs, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(src + HALF + offs, mask=mask, other=0.0).to(tl.float32)
     # x * cos + rotate_half(x) * sin, each product rounded as the eager code rounds it
-    o1 = ((x1 * c1).to(ACT).to(tl.float32) + (-x2 * s1).to(ACT).to(tl.float32)).to(ACT)
-    o2 = ((x2 * c2).to(ACT).to(tl.float32) + (x1 * s2).to(ACT).to(tl.float32)).to(ACT)
+    o1 = _rounded(_rounded(x1 * c1, ACT) + _rounded(-x2 * s1, ACT), ACT).to(ACT)
+    o2 = _rounded(_rounded(x2 * c2, ACT) + _rounded(x1 * s2, ACT), ACT).to(ACT)
     tl.store(dst + offs, o1, mask=mask)
     tl.store(dst + HALF + offs, o2, mask=mask)
 
@@ -81,8 +96,8 @@ def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, inter, ACT: tl.constexp
     mask = offs < inter
     g = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(x_ptr + row * stride_x + inter + offs, mask=mask, other=0.0).to(tl.float32)
-    s = (g / (1.0 + tl.exp(-g))).to(ACT).to(tl.float32)
-    tl.store(out_ptr + row * stride_o + offs, (s * u).to(ACT), mask=mask)
+    s = _rounded(g / (1.0 + tl.exp(-g)), ACT)
+    tl.store(out_ptr + row * stride_o + offs, _rounded(s * u, ACT).to(ACT), mask=mask)
 
 
 def _rms_norm_triton(x, weight, eps, residual):
