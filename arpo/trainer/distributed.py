@@ -169,7 +169,7 @@ def shard_model(model: nn.Module, *, param_dtype: torch.dtype | None = None,
     # cast_forward_inputs off: the model casts its own activations, and the engine's AttentionContext (KV caches)
     # must reach the layers as the very tensors it owns
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
-    kw = {"mp_policy": mp} if mesh is None else {"mp_policy": mp, "mesh": mesh}
+    kw = {"mp_policy": mp, "mesh": mesh if mesh is not None else _group_mesh()}
     for layer in model.layers:
         fully_shard(layer, reshard_after_forward=reshard_after_forward, **kw)
     fully_shard(model, reshard_after_forward=False, **kw)
@@ -178,6 +178,16 @@ def shard_model(model: nn.Module, *, param_dtype: torch.dtype | None = None,
         m.set_force_sum_reduction_for_comms(True)
     model._arpo_layer_reshard = reshard_after_forward
     return model
+
+
+def _group_mesh():
+    """A 1-D mesh over every rank, on the process group's own device type.
+
+    FSDP2's default mesh takes CUDA whenever CUDA is visible, so a gloo (CPU) job on a machine with fewer GPUs
+    than ranks failed in `cuda.set_device(local_rank)`."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh("cuda" if dist.get_backend() == "nccl" else "cpu", (dist.get_world_size(),))
 
 
 def fsdp_modules(model: nn.Module) -> list:

@@ -77,7 +77,11 @@ def test_results_match_per_call_start():
         for name, code in SNIPPETS.items():
             a, b = cold.run(code), warm.run(code)
             assert (a.text, a.ok, a.error) == (b.text, b.ok, b.error), name
-            assert a.meta["returncode"] == b.meta["returncode"] and a.meta["isolation"] == b.meta["isolation"], name
+            assert a.meta["isolation"] == b.meta["isolation"], name
+            if name == "timeout":  # the wall-clock kill (-9) or the CPU rlimit (128 + SIGXCPU) wins, machine-dependent
+                assert a.meta["returncode"] != 0 and b.meta["returncode"] != 0, name
+            else:
+                assert a.meta["returncode"] == b.meta["returncode"], name
             assert a.meta["warm"] is False and b.meta["warm"] is True, name
             _wait_idle(warm, 2)
         assert cold.warm_stats["hits"] == 0 and warm.warm_stats["hits"] == len(SNIPPETS)

@@ -19,6 +19,7 @@ from arpo.algo import pack_trees
 from arpo.algo.advantages import AGGREGATIONS, MODES
 from arpo.algo.synthetic import random_tree
 from arpo.model import AttentionContext, Qwen2Model
+from arpo.model.config import ModelConfig
 from arpo.trainer import distributed as D
 from arpo.trainer.update import micro_batches
 from arpo_kernels.policy_loss import PolicyLossWeights, segmented_policy_loss_from_hidden
@@ -291,3 +292,23 @@ def test_torchrun_argv():
         D.torchrun_argv(8, ["train"], nnodes=2)
     with pytest.raises(ValueError, match="nproc"):
         D.torchrun_argv(0, ["train"])
+
+
+def test_cpu_job_shards_on_the_cpu_even_where_cuda_is_visible(monkeypatch):
+    """A gloo job shards over a CPU mesh whether or not the machine has GPUs (FSDP2's own default mesh picks CUDA
+    when it is visible, and a 2-rank CPU job on a 1-GPU machine failed in cuda.set_device(1))."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        # what FSDP2's default mesh asks (torch 2.11-2.13): this process now looks like a machine with a GPU
+        monkeypatch.setattr(torch._C, "_get_accelerator", lambda: torch.device("cuda"))
+        model = D.shard_model(Qwen2Model(ModelConfig.from_dict(dict(HF_CONFIG, model_type="qwen2", max_position_embeddings=64))))
+        weights = [p for p in model.parameters() if isinstance(p, DTensor)]
+        assert weights and {p.device_mesh.device_type for p in weights} == {"cpu"}
+    finally:
+        dist.destroy_process_group()
