@@ -184,10 +184,18 @@ def _check_rows(name: str, x: torch.Tensor, n: int | None = None) -> torch.Tenso
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _rms_norm_torch(x, weight, eps):
+    """The PyTorch path: in fp32 the reference's arithmetic is ATen's fused `rms_norm` (one pass instead of six
+    ops); other dtypes round `h` before the weight, which `F.rms_norm` does not, so they take the reference."""
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return torch.nn.functional.rms_norm(x, (x.shape[-1],), weight, eps)
+    return rms_norm_reference(x, weight, eps)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dimension (statistics in fp32, weight applied in the activation dtype)."""
     if not use_triton(x) or x.shape[-1] > _MAX_ROW:
-        return rms_norm_reference(x, weight, eps)
+        return _rms_norm_torch(x, weight, eps)
     return _rms_norm_triton(_check_rows("x", x, weight.shape[0]), weight.contiguous(), eps, None)
 
 
@@ -197,7 +205,8 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
         raise ValueError(f"x {tuple(x.shape)}/{x.dtype} and residual {tuple(residual.shape)}/{residual.dtype} "
                          "must match")
     if not use_triton(x) or x.shape[-1] > _MAX_ROW:
-        return add_rms_norm_reference(x, residual, weight, eps)
+        residual = x + residual
+        return _rms_norm_torch(residual, weight, eps), residual
     return _rms_norm_triton(_check_rows("x", x, weight.shape[0]), weight.contiguous(), eps,
                             _check_rows("residual", residual))
 

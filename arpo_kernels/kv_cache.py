@@ -120,11 +120,13 @@ def _store_kv_triton(k, v, k_cache, v_cache, slot_mapping) -> None:
 
 def store_kv_reference(k, v, k_cache, v_cache, slot_mapping) -> None:
     """Plain PyTorch: k_cache[slot] = k[t] for every row t whose slot is >= 0 (in place)."""
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep].long()
     h, d = k_cache.shape[2:]
-    k_cache.view(-1, h, d).index_copy_(0, slots, k[keep])
-    v_cache.view(-1, h, d).index_copy_(0, slots, v[keep])
+    slots = slot_mapping.long()
+    if bool((slots < 0).any()):  # padded rows: written nowhere
+        keep = slots >= 0
+        slots, k, v = slots[keep], k[keep], v[keep]
+    k_cache.view(-1, h, d).index_copy_(0, slots, k)
+    v_cache.view(-1, h, d).index_copy_(0, slots, v)
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
