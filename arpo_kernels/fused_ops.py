@@ -38,7 +38,7 @@ def _rounded(x, ACT: tl.constexpr):
     if ACT == tl.bfloat16:
         u = x.to(tl.uint32, bitcast=True)
         u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
-        return u.to(tl.float32, bitcast=True)
+        return tl.where(x != x, x, u.to(tl.float32, bitcast=True))  # a NaN's payload could carry into the sign
     elif ACT == tl.float16:
         return x.to(tl.float16).to(tl.float32)
     else:

@@ -41,7 +41,8 @@ _MAX_SPLITS = 64
 _PROGRAMS_PER_SM = 4  # split until B * Hkv * splits reaches this many programs per SM
 # Launch knobs of the decode kernel on CUDA (benchmarks/tune_paged_decode.py sweeps them).
 # Tuned on an H100 (bf16, D 128, block 16; do_bench): 2.41 TB/s at batch 64 x 4k context (72% of peak), 42 us at
-# 16 x 4k, 48 us at 64 x 1k. Fewer, longer splits beat 16 programs per SM at 4k (2.19 TB/s) and lose nothing at 1k.
+# 16 x 4k, 48 us at 64 x 1k. Fewer, longer splits beat 16 programs per SM at 4k (2.19 TB/s) and cost 8% at 64 x 1k
+# (44 us there), where the eager call's host time dominates anyway.
 DECODE_LAUNCH = {"block_n": 32, "num_warps": 4, "num_stages": 3}
 
 

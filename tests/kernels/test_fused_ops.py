@@ -110,3 +110,14 @@ def test_model_inference_forward_equals_training_forward(backend, device):
     slow = model(ids, pos)
     assert slow.requires_grad
     torch.testing.assert_close(fast, slow.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_non_finite_values_propagate_like_eager(backend, device):
+    """NaN and inf pass through the kernels' rounding as through eager bf16 ops (a NaN never becomes a number)."""
+    x = torch.randn(2, 16)
+    x[0, 3], x[1, 9], x[1, 2] = float("nan"), float("inf"), 3e38  # 3e38 * up may overflow to inf in bf16
+    x = x.bfloat16().to(device)
+    out, ref = silu_mul(x), silu_mul_reference(x)
+    assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
+    finite = ref.isfinite()
+    _close(out[finite], ref[finite], torch.bfloat16)
