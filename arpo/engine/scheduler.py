@@ -77,6 +77,9 @@ class Scheduler:
         """
         self.copies, self.preempted = [], []
         order = sorted(active, key=lambda s: s.arrival)
+        fast = self._all_decodes(order)
+        if fast is not None:
+            return fast
         running = [s for s in order if s.status == SequenceStatus.RUNNING]
         queue = ([s for s in running if s.num_pending == 1] + [s for s in running if s.num_pending > 1]
                  + [s for s in order if s.status == SequenceStatus.WAITING])
@@ -102,6 +105,29 @@ class Scheduler:
             chunks.append(ScheduledChunk(seq, start, end - start, slots, end == seq.num_tokens))
             chosen.add(seq.seq_id)
             budget -= end - start
+        return chunks
+
+    def _all_decodes(self, order: list[Sequence]) -> list[ScheduledChunk] | None:
+        """The steady state, scheduled without the general loop's bookkeeping: every active sequence is a running
+        decode (one pending token, blocks held) and there are free blocks for one new block each (the most one
+        token can need, a copy-on-write included), so no preemption can happen. The same chunks, in the same order,
+        as the general loop; None when the step is anything else."""
+        bm = self.bm
+        n = len(order)
+        if n > self.max_num_seqs or n > self.max_num_batched_tokens or bm.num_free_blocks < n:
+            return None
+        for seq in order:
+            if seq.status != SequenceStatus.RUNNING or seq.num_pending != 1 or not bm.has(seq.seq_id):
+                return None
+        chunks = []
+        for seq in order:
+            start = seq.num_computed
+            if bm.num_tokens(seq.seq_id) > start:  # its K/V is already cached (a fork's re-fed last token)
+                slots = [-1]
+            else:
+                slots, copies = bm.append(seq.seq_id, 1, seq.token_ids[start:start + 1])
+                self.copies.extend(copies)
+            chunks.append(ScheduledChunk(seq, start, 1, slots, True))
         return chunks
 
     def _make_room(self, seq: Sequence, end: int, running: list[Sequence], chosen: set[int]) -> bool:

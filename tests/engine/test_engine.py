@@ -242,3 +242,59 @@ def test_stop_string_precheck_changes_nothing(monkeypatch):
     assert any(reason == "stop" for _, reason, _ in fast)
     monkeypatch.setattr(llm_engine, "_may_complete", lambda piece, stops: True)
     assert run() == fast
+
+
+@pytest.mark.parametrize("num_blocks", [12, 40])  # tight enough to preempt; roomy (forks take the shortcut)
+def test_all_decode_fast_path_schedules_like_the_general_loop(models, monkeypatch, num_blocks):
+    """The scheduler's steady-state shortcut (every active sequence a running decode, a free block each) gives
+    the same chunks, slots and copy-on-write copies as the general loop, step by step, through forks at partial
+    blocks (re-fed tokens, copies), extends and a cache small enough to preempt."""
+    from arpo.engine.scheduler import Scheduler
+
+    hf, ours = models
+    prompts = _prompts(hf.config.vocab_size, (9, 3, 6))
+
+    def trace(fast: bool):
+        if not fast:
+            monkeypatch.setattr(Scheduler, "_all_decodes", lambda self, order: None)
+        engine = _engine(ours, num_blocks=num_blocks)
+        steps, taken = [], []
+        schedule = engine.scheduler.schedule
+
+        def recording(active):
+            chunks = schedule(active)
+            steps.append([(c.seq.seq_id, c.start, c.num_tokens, list(c.slots), c.samples) for c in chunks]
+                         + [tuple(engine.scheduler.copies), len(engine.scheduler.preempted)])
+            return chunks
+        engine.scheduler.schedule = recording
+        if fast:
+            original = Scheduler._all_decodes
+
+            def counting(self, order):
+                out = original(self, order)
+                taken.append(out is not None)
+                return out
+            monkeypatch.setattr(Scheduler, "_all_decodes", counting)
+        ids = [engine.add(p, SamplingParams(temperature=1.0, max_tokens=10, seed=i)) for i, p in enumerate(prompts)]
+        done = {}
+
+        def drain():  # finished sequences give their blocks back, except the one extended later
+            while engine.has_unfinished():
+                for out in engine.step():
+                    if out.finished and out.seq_id != ids[1]:
+                        done[out.seq_id] = engine.release(out.seq_id).token_ids
+        for _ in range(4):
+            engine.step()
+        kids = engine.fork(ids[0], 2, at=engine.sequence(ids[0]).num_tokens - 2)  # mid-block: re-fed, CoW
+        drain()
+        engine.extend(ids[1], [5, 6, 7], max_tokens=14)
+        drain()
+        monkeypatch.undo()
+        return steps, [done.get(i) for i in ids + kids] + [engine.sequence(ids[1]).token_ids], engine.stats, taken
+
+    fast_steps, fast_tokens, fast_stats, taken = trace(True)
+    slow_steps, slow_tokens, slow_stats, _ = trace(False)
+    assert any(taken) and not all(taken)  # both paths ran in the fast trace
+    assert fast_steps == slow_steps and fast_tokens == slow_tokens and fast_stats == slow_stats
+    assert fast_stats["block_copies"] > 0 and fast_stats["refed_tokens"] > 0
+    assert (fast_stats["preemptions"] > 0) == (num_blocks == 12)
