@@ -62,20 +62,20 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk], tables: list[list[int]]):
         """Forward every chunk; returns (sampling chunks, tokens, logprobs, entropies) as host lists."""
-        decode = all(c.num_tokens == 1 for c in chunks)
-        if isinstance(self.graphs, DecodeGraphs) and decode \
-                and self.graphs.fits(len(chunks), max(len(t) for t in tables)):
+        padded = self.graphs is not None and all(c.num_tokens == 1 for c in chunks) \
+            and self.graphs.fits(len(chunks), max(len(t) for t in tables))
+        if padded and isinstance(self.graphs, DecodeGraphs):
             return self._run_graph(chunks, tables)
         dev = self.device
-        ids = torch.tensor([t for c in chunks for t in c.seq.token_ids[c.start:c.start + c.num_tokens]],
-                           dtype=torch.int64, device=dev)
-        pos = torch.tensor([p for c in chunks for p in range(c.start, c.start + c.num_tokens)],
-                           dtype=torch.int64, device=dev)
-        if self.graphs is not None and decode and self.graphs.fits(len(chunks), max(len(t) for t in tables)):
+        if padded:  # the compiled CPU decode step
             hidden = self.graphs.run([c.seq.token_ids[c.start] for c in chunks], [c.start for c in chunks],
                                      [c.slots[0] for c in chunks], tables, [c.start + 1 for c in chunks])
             cu = list(range(len(chunks) + 1))
         else:
+            ids = torch.tensor([t for c in chunks for t in c.seq.token_ids[c.start:c.start + c.num_tokens]],
+                               dtype=torch.int64, device=dev)
+            pos = torch.tensor([p for c in chunks for p in range(c.start, c.start + c.num_tokens)],
+                               dtype=torch.int64, device=dev)
             ctx, cu = self._context(chunks, tables)
             hidden = self.model(ids, pos, ctx)
         sampling = [i for i, c in enumerate(chunks) if c.samples]
