@@ -96,10 +96,17 @@ class RolloutSection:
     alpha: float = opt(0.5, "branch probability base: P = alpha + beta * dH", ge=0, le=1)
     beta: float = opt(0.2, "weight of the normalised entropy rise dH in P", ge=0)
     tau: float = opt(0.5, "threshold rule: branch when P > tau", ge=0, le=1)
-    probe_tokens: int = opt(20, "k: tokens whose mean entropy gives H_init and H_t", gt=0)
+    probe_tokens: int = opt(20, "k: tokens whose entropies give H_init (the first k sampled) and H_t (the k after "
+                            "a tool result)", gt=0)
     branch_rule: Literal["threshold", "bernoulli"] = opt(
         "threshold", "threshold = paper (branch iff P > tau); bernoulli = reference code (branch w.p. clip(P, 0, 1))")
-    max_tool_calls: int = opt(3, "tool calls per trajectory; later calls are not run", ge=0)
+    entropy_reduce: Literal["sum", "mean"] = opt(
+        "sum", "how the k per-token entropies become H_init and H_t: sum = reference code and paper; mean = dH about "
+        "1/k as large (beta then barely moves P)")
+    max_tool_calls: int = opt(3, "tool calls per trajectory; later calls are not run (see over_limit)", ge=0)
+    over_limit: Literal["end", "text"] = opt(
+        "end", "a tool call past max_tool_calls: end = the trajectory ends at its closing tag, unanswered (the "
+        "reference appends EOS); text = the tags are plain text and generation goes on")
     max_response_tokens: int = opt(4096, "cap on generated + tool-result tokens per trajectory", gt=0)
     temperature: float = opt(1.0, "sampling temperature", gt=0)
     top_p: float = opt(1.0, "nucleus sampling mass (1 = off)", gt=0, le=1)

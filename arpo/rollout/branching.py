@@ -1,11 +1,19 @@
 """The branching rule of ARPO's entropy-adaptive rollout (../shared/ARPO.md §2 and AEPO §6) as pure functions.
 
-    H_init  = mean entropy of the trajectory's first k sampled tokens (tool-result tokens are not sampled)
-    H_t     = mean entropy of the k tokens sampled right after the t-th tool result
+    H_init  = entropy of the trajectory's first k sampled tokens (tool-result tokens are not sampled), reduced
+    H_t     = entropy of the k tokens sampled right after the t-th tool result, reduced the same way
+    reduce  = sum over the tokens (`sum`, the reference's and the paper's) | their mean (`mean`)
     ΔH_t    = (H_t − H_init) / log|V|
     P_t     = (α + β·ΔH_t) · max(0, 1 − rate·consecutive)      (the factor only with the AEPO branch penalty)
     branch  = P_t > τ                   rule "threshold" (the paper; our default)
             = u < clip(P_t, 0, 1)       rule "bernoulli" (the reference code), u ~ U[0, 1)
+
+Why the reduction matters: with `mean`, ΔH is about 1/k of the reference's (each per-token entropy is at most
+log|V|, so a mean ΔH lies in [−1, 1] and a sum in [−k, k]); with β = 0.2 the mean then moves P by at most ±0.2
+and usually by a few hundredths — the entropy barely decides anything by its size. Under `threshold` with α = τ
+only ΔH's sign matters, and the two reductions agree whenever both windows hold k tokens (a window is shorter
+only when the trajectory ends within k tokens: then the sum is smaller, as in the reference, which sums over
+`min(20, len(tokens))`). Entropies are exact, over the full vocabulary (the reference sums vLLM's top-10).
 
 The driver (`tree_rollout.py`) only gathers entropies and enacts decisions; everything numeric lives here so that
 tests can check it against the formulas exactly. Randomness is counter-based: `hashed_uniform(*key)` gives the
@@ -20,12 +28,17 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
 RULES = ("threshold", "bernoulli")
+REDUCTIONS = ("sum", "mean")
 
 
-def mean_entropy(entropies: Sequence[float], k: int) -> float:
-    """Mean of the first `k` values (all of them when fewer); 0.0 for none."""
+def window_entropy(entropies: Sequence[float], k: int, reduce: str = "sum") -> float:
+    """The first `k` per-token entropies (all of them when fewer) summed or averaged; 0.0 for none."""
     head = list(entropies[:k])
-    return sum(head) / len(head) if head else 0.0
+    if reduce == "sum":
+        return float(sum(head))
+    if reduce == "mean":
+        return sum(head) / len(head) if head else 0.0
+    raise ValueError(f"unknown entropy reduction {reduce!r}; expected one of {REDUCTIONS}")
 
 
 def entropy_rise(h_t: float, h_init: float, vocab_size: int) -> float:
@@ -102,19 +115,21 @@ class EntropyBrancher:
     """
 
     def __init__(self, *, alpha: float = 0.5, beta: float = 0.2, tau: float = 0.5, rule: str = "threshold",
-                 k: int = 20, vocab_size: int, penalty_rate: float = 0.0,
+                 k: int = 20, vocab_size: int, penalty_rate: float = 0.0, reduce: str = "sum",
                  uniform: Callable[..., float] = hashed_uniform):
         if rule not in RULES:
             raise ValueError(f"unknown branch rule {rule!r}; expected one of {RULES}")
+        if reduce not in REDUCTIONS:
+            raise ValueError(f"unknown entropy reduction {reduce!r}; expected one of {REDUCTIONS}")
         if k < 1:
             raise ValueError(f"k (probe tokens) must be >= 1, got {k}")
         self.alpha, self.beta, self.tau, self.rule, self.k = alpha, beta, tau, rule, k
-        self.vocab_size, self.penalty_rate, self.uniform = vocab_size, penalty_rate, uniform
+        self.vocab_size, self.penalty_rate, self.reduce, self.uniform = vocab_size, penalty_rate, reduce, uniform
 
     def decide(self, sampled: Sequence[float], probe: Sequence[float], *, key: tuple, trajectory: str, call: int,
                position: int, consecutive: int = 0) -> Decision:
-        h_init = mean_entropy(sampled, self.k)
-        h_t = mean_entropy(probe, self.k)
+        h_init = window_entropy(sampled, self.k, self.reduce)
+        h_t = window_entropy(probe, self.k, self.reduce)
         delta_h = entropy_rise(h_t, h_init, self.vocab_size)
         p = branch_probability(delta_h, self.alpha, self.beta, consecutive, self.penalty_rate)
         u = self.uniform(*key, trajectory, call) if self.rule == "bernoulli" else None

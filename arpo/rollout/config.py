@@ -1,8 +1,11 @@
 """Settings of one rollout run; field names match `arpo.config.RolloutSection` so the trainer maps them 1:1.
 
 Defaults are the reference's (../shared/ARPO.md §2): M = 16 leaves, N = 8 global samples, Z = 1 child per
-decision, α = 0.5, β = 0.2, τ = 0.5, k = 20 probe tokens, rule `threshold` (the paper's; `bernoulli` is the
-reference code's), 3 tool calls, 4096 response tokens. The extra fields are the driver's own:
+decision, α = 0.5, β = 0.2, τ = 0.5, k = 20 probe tokens whose entropies are summed (`entropy_reduce: sum`, the
+reference code's and the paper's; `mean` makes ΔH about 1/k as large), rule `threshold` (the paper's; `bernoulli`
+is the reference code's), 3 tool calls, a call past them ends the trajectory (`over_limit: end`, the reference's
+EOS; `text` lets generation go on with the tags as plain text), 4096 response tokens. The extra fields are the
+driver's own:
 
 - `prefix_mode`: `fork` shares the prompt and every branch prefix through `engine.fork` (no re-prefill);
   `resubmit` is the reference's way — each global sample and each branch is added as a new sequence with its
@@ -17,9 +20,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from arpo.rollout.branching import RULES
+from arpo.rollout.branching import REDUCTIONS, RULES
 
 MODES = ("tree", "trajectory")
+OVER_LIMIT = ("end", "text")
 PREFIX_MODES = ("fork", "resubmit")
 
 
@@ -34,7 +38,10 @@ class RolloutConfig:
     tau: float = 0.5
     probe_tokens: int = 20             # k
     branch_rule: str = "threshold"     # threshold | bernoulli
-    max_tool_calls: int = 3            # past it the tool tags are plain text: generation goes on, nothing runs
+    entropy_reduce: str = "sum"        # sum | mean of the k per-token entropies (H_init and H_t alike)
+    max_tool_calls: int = 3
+    over_limit: str = "end"            # a call past max_tool_calls: end = the trajectory ends there (no answer);
+                                       # text = its tags are plain text, generation goes on, nothing runs
     max_response_tokens: int = 4096    # sampled + tool-result tokens per trajectory
     temperature: float = 1.0
     top_p: float = 1.0
@@ -56,6 +63,10 @@ class RolloutConfig:
             raise bad("mode", f"expected one of {MODES}")
         if self.branch_rule not in RULES:
             raise bad("branch_rule", f"expected one of {RULES}")
+        if self.entropy_reduce not in REDUCTIONS:
+            raise bad("entropy_reduce", f"expected one of {REDUCTIONS}")
+        if self.over_limit not in OVER_LIMIT:
+            raise bad("over_limit", f"expected one of {OVER_LIMIT}")
         if self.prefix_mode not in PREFIX_MODES:
             raise bad("prefix_mode", f"expected one of {PREFIX_MODES}")
         for name in ("leaves", "initial", "beam", "probe_tokens", "max_response_tokens"):

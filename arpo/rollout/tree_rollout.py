@@ -14,11 +14,26 @@ How it maps onto the engine, per prompt:
    positive one forks Z children at the position right after the result (`fork(at=...)`, shared blocks,
    copy-on-write). The probe tokens stay with the parent. A prompt stops branching at M trajectories in
    flight or done; when all have finished with fewer, fresh globals fill the budget (they cannot branch).
-4. Call limit: once a trajectory has made `max_tool_calls` calls its tool tags become plain text — generation
-   goes on and ends at EOS or the cap, no further call is run and nothing is appended.
+4. Call limit: once a trajectory has made `max_tool_calls` calls, the next closing tool tag ends it there with
+   finish reason `call_limit` (`over_limit: end`, the reference's EOS: the trajectory is unanswered, reward −1).
+   No EOS token is appended — it would not have been sampled, so it has no sampler log-prob to train on; the
+   text the reward sees is the same. `over_limit: text`: the tags become plain text instead — generation goes
+   on and ends at EOS or the cap, no further call is run and nothing is appended.
    Length cap: sampled + tool-result tokens ≤ `max_response_tokens` (and the engine's max_model_len). A result
    that does not fit ends the trajectory with finish reason `length`, the call text kept, no result appended.
 5. `mode="trajectory"`: M independent globals, tools but no probes or branching (the GRPO baseline).
+
+Where this differs from the reference's rollout (`vllm_rollout_with_tools.py`) on purpose:
+- H_t is measured on the k tokens sampled right *after* the tool result (the text the result leads to, which
+  decides whether branching there pays); the reference scores the first 20 tokens of the segment that ended
+  *with* the call, i.e. before the result.
+- A child's H_init is its path's first k sampled tokens — its parent's H_init, the same prompt and opening; the
+  reference keys H_init by sample index in a dict that is never reset, so a child (a new index) takes the
+  entropy of its first own segment, and an index reused in a later step keeps a stale value.
+- Fill samples (fresh globals started once every trajectory of a prompt has finished with fewer than M leaves)
+  fill the budget at once and cannot branch (the budget is spent); the reference adds one fresh sample per
+  generation round, and those may branch later.
+- One uniform draw per decision forks all Z children; the reference draws once per extra beam.
 
 Determinism: sampling is counter-based per (seed, position) and every trajectory's seed and bernoulli draw are
 hashed from (seed, prompt, trajectory path), so a trajectory's tokens do not depend on batch order or timing.
@@ -33,7 +48,7 @@ from dataclasses import replace
 from typing import Callable, Iterable, Sequence
 
 from arpo.engine import SamplingParams
-from arpo.rollout.branching import EntropyBrancher, derive_seed, dynamic_global_budget, mean_entropy
+from arpo.rollout.branching import EntropyBrancher, derive_seed, dynamic_global_budget, window_entropy
 from arpo.rollout.config import RolloutConfig
 from arpo.rollout.prompts import as_prompt_inputs
 from arpo.rollout.state import Arrays, PromptState, Trajectory, build_tree
@@ -57,7 +72,7 @@ class TreeRollout:
         self.brancher = brancher or EntropyBrancher(
             alpha=c.alpha, beta=c.beta, tau=c.tau, rule=c.branch_rule, k=c.probe_tokens,
             vocab_size=engine.model.config.vocab_size, penalty_rate=c.aepo_penalty_rate if c.aepo_branch_penalty
-            else 0.0)
+            else 0.0, reduce=c.entropy_reduce)
         self.stop_strings = tuple(tools.stop_strings) if tools is not None else ()
         self._runs = 0
         self.stats: dict = {}
@@ -160,7 +175,7 @@ class TreeRollout:
 
     def _params(self, num_sampled: int, room: int, calls: int = 0, seed: int | None = None) -> SamplingParams:
         c = self.cfg
-        stops = self.stop_strings if calls < c.max_tool_calls else ()
+        stops = self.stop_strings if calls < c.max_tool_calls or c.over_limit == "end" else ()
         return SamplingParams(temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
                               max_tokens=num_sampled + max(room, 1), stop=stops, seed=seed)
 
@@ -230,7 +245,10 @@ class TreeRollout:
     # --- tool calls --------------------------------------------------------------------------------------------
     def _on_stop(self, st: PromptState, traj: Trajectory, out) -> None:
         is_tool_stop = (out.finish_reason == "stop" and isinstance(out.stop_reason, str)
-                        and out.stop_reason in self.stop_strings and traj.calls < self.cfg.max_tool_calls)
+                        and out.stop_reason in self.stop_strings)
+        if is_tool_stop and traj.calls >= self.cfg.max_tool_calls:
+            self._finish(st, traj, "call_limit" if self.cfg.over_limit == "end" else "stop")
+            return
         if not is_tool_stop:
             self._finish(st, traj, out.finish_reason or "length")
             return
@@ -285,7 +303,7 @@ class TreeRollout:
             self._finish(st, traj, "length")
             return
         self.engine.extend(traj.seq_id, ids, max_tokens=seq.num_sampled + room)
-        if traj.calls >= self.cfg.max_tool_calls:
+        if traj.calls >= self.cfg.max_tool_calls and self.cfg.over_limit == "text":
             seq.params = replace(seq.params, stop=())
         if self.cfg.mode == "tree":
             traj.probe_from = seq.num_tokens
@@ -309,7 +327,7 @@ class TreeRollout:
             sampled = [e for e, s in zip(first.record.entropies, first.record.sampled) if s]
             m = c.initial
             if first.h_tool:
-                m = dynamic_global_budget(c.initial, mean_entropy(sampled, c.probe_tokens),
+                m = dynamic_global_budget(c.initial, window_entropy(sampled, c.probe_tokens, c.entropy_reduce),
                                           sum(first.h_tool) / len(first.h_tool), c.leaves)
             st.dynamic_m = m
             self._launch_globals(st, min(m - 1, c.leaves - st.count))

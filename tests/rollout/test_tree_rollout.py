@@ -38,8 +38,10 @@ def _leaf_of(tree: RolloutTree, key: str):
     return next(l for l in tree.leaves if l.metadata["key"] == key)
 
 
-def test_decisions_follow_the_formulas(policy):
-    trees, ro, _ = _run(policy, leaves=10, initial=3)
+@pytest.mark.parametrize("reduce", ["sum", "mean"])
+def test_decisions_follow_the_formulas(policy, reduce):
+    trees, ro, _ = _run(policy, leaves=10, initial=3, entropy_reduce=reduce)
+    agg = (lambda xs: sum(xs)) if reduce == "sum" else (lambda xs: sum(xs) / len(xs))
     n_dec = 0
     for tree in trees:
         P = len(tree.prompt_ids)
@@ -55,7 +57,7 @@ def test_decisions_follow_the_formulas(policy):
                     break
                 probe.append(e)
             sampled = [e for e, m in zip(ents[:i], mask[:i]) if m] + probe
-            h_init, h_t = sum(sampled[:K]) / len(sampled[:K]), sum(probe) / len(probe)
+            h_init, h_t = agg(sampled[:K]), agg(probe)
             assert d["h_init"] == pytest.approx(h_init, abs=1e-9) and d["h_t"] == pytest.approx(h_t, abs=1e-9)
             p = 0.5 + 0.2 * (h_t - h_init) / __import__("math").log(54)
             assert d["p"] == pytest.approx(p, abs=1e-9) and d["branch"] == (d["p"] > 0.5)
@@ -217,13 +219,35 @@ def test_length_cap_ends_cleanly(policy):
     assert not engine.seqs
 
 
-def test_call_limit(policy):
-    trees, _, _ = _run(policy, max_tool_calls=1, max_response_tokens=200)
+def test_call_limit_as_text(policy):
+    trees, _, _ = _run(policy, max_tool_calls=1, max_response_tokens=200, over_limit="text")
     calls = [l.tool_calls for t in trees for l in t.leaves]
     assert max(calls) == 1
     assert any(l.text.count("</q>") > 1 for t in trees for l in t.leaves)  # later tags stayed plain text
+    assert not any(l.finish_reason == "call_limit" for t in trees for l in t.leaves)
+    trees, _, _ = _run(policy, max_tool_calls=0, over_limit="text")
+    assert all(l.tool_calls == 0 and not t.metadata["decisions"] for t in trees for l in t.leaves)
+
+
+def test_call_limit_ends_the_trajectory_at_the_next_call(policy):
+    """over_limit=end (the default; the reference appends EOS): the call past the limit is the trajectory's last
+    text — closing tag included, nothing run, no result, nothing sampled after it."""
+    trees, ro, _ = _run(policy, max_tool_calls=1, max_response_tokens=200)
+    leaves = [(t, l) for t in trees for l in t.leaves]
+    assert max(l.tool_calls for _, l in leaves) == 1
+    ended = [(t, l) for t, l in leaves if l.finish_reason == "call_limit"]
+    assert ended  # the toy policy keeps calling
+    for t, l in ended:
+        assert l.tool_calls == 1 and l.text.count(RESULT_CLOSE.strip()) == 1  # only the first call got a result
+        after = l.text.split(RESULT_CLOSE.strip())[1]
+        assert after.endswith("</q>") and after.count("</q>") == 1  # ended at the first closing tag after it
+        assert t.leaf_values(l, "loss_mask")[-1] == 1  # the closing tag was sampled; nothing was appended
+    assert all(l.text.split(RESULT_CLOSE.strip())[-1].count("</q>") <= 1 for _, l in leaves if l.tool_calls)
+    assert ro.stats["tool_calls"] == sum(1 for _, l in leaves if l.metadata["global"] and l.tool_calls)  # none run
     trees, _, _ = _run(policy, max_tool_calls=0)
     assert all(l.tool_calls == 0 and not t.metadata["decisions"] for t in trees for l in t.leaves)
+    assert all(l.text.count("</q>") <= 1 for t in trees for l in t.leaves)
+    assert any(l.finish_reason == "call_limit" for t in trees for l in t.leaves)
 
 
 def test_same_seed_same_trees(policy):
