@@ -137,6 +137,10 @@ class RewardSection:
     """How a finished trajectory is scored."""
 
     name: str = opt("arpo", "built-in reward (arpo, embedded, f1, exact_match) or 'pkg.module:function'")
+    strict_format: bool = opt(False, "arpo: judge the format by the strict block grammar (no nesting, answer last, "
+                              "tag text inside code and results is content) instead of the reference's checks")
+    math_equivalence: bool = opt(False, "arpo: a math data source's answer scores 1.0 when mathematically equal to "
+                                 "the truth (math-verify, else sympy); the reference scores token F1 only")
 
 
 @dataclass

@@ -51,12 +51,20 @@ def exact_match(prediction: str, ground_truth) -> float:
     return float(any(pred == normalize_answer(g) for g in _as_list(ground_truth)))
 
 
+YES_NO = ("yes", "no", "noanswer")
+
+
 def token_f1(prediction: str, ground_truth) -> float:
-    """Best token-level F1 of the normalised prediction against each acceptable ground truth."""
-    pred_tokens = normalize_answer(prediction).split()
+    """Best token-level F1 of the normalised prediction against each acceptable ground truth. As in HotpotQA's
+    evaluation and the reference: 0 against a truth when either side is yes / no / noanswer and they differ."""
+    pred = normalize_answer(prediction)
+    pred_tokens = pred.split()
     best = 0.0
     for gt in _as_list(ground_truth):
-        gt_tokens = normalize_answer(gt).split()
+        norm_gt = normalize_answer(gt)
+        if (pred in YES_NO or norm_gt in YES_NO) and pred != norm_gt:
+            continue
+        gt_tokens = norm_gt.split()
         common = sum((Counter(pred_tokens) & Counter(gt_tokens)).values())
         if common == 0:
             continue

@@ -1,4 +1,5 @@
-"""ARPO's format rules for a completed trajectory, with the reason a trajectory fails them.
+"""The strict format rules for a completed trajectory (`reward.strict_format`, and the `embedded` reward), with the
+reason a trajectory fails them; the reference's own rules are `reference_format.py`.
 
 The reference gives −1 for: unpaired tags, not exactly one `<answer>`, tags out of order, no `\\boxed{}`. Here
 "in order" means the tags form a flat sequence of blocks (`<think>…</think>`, `<search>…</search>`,
@@ -37,7 +38,10 @@ def _tags(text: str) -> list[tuple[bool, str, int, int]]:
     return tags
 
 
-def check_format(text: str, require_boxed: bool = True) -> FormatCheck:
+def check_format(text: str, require_boxed: bool = True, require_think: bool = False,
+                 require_results: bool = False) -> FormatCheck:
+    """The block grammar above; `require_think`: at least one think block; `require_results`: every tool call
+    directly followed by its result (both the reference's rules, which strict `arpo` adds)."""
     tags = _tags(text)
     for name in TAGS:
         opens = sum(1 for closing, n, *_ in tags if n == name and not closing)
@@ -47,8 +51,12 @@ def check_format(text: str, require_boxed: bool = True) -> FormatCheck:
     n_answers = sum(1 for closing, n, *_ in tags if n == "answer" and not closing)
     if n_answers != 1:
         return FormatCheck(False, f"expected exactly one <answer> block, found {n_answers}")
+    if require_think and not any(n == "think" for _, n, *_ in tags):
+        return FormatCheck(False, "no <think> block")
     open_tag, prev_block_end, prev_name, used, answer = None, 0, None, set(), ""
     for closing, name, start, end in tags:
+        if require_results and open_tag is None and prev_name in TOOL_TAGS and (closing or name != "result"):
+            return FormatCheck(False, f"<{prev_name}> call not followed by its <result>")
         if not closing:
             if open_tag is not None:
                 return FormatCheck(False, f"<{name}> opened inside <{open_tag[0]}>")

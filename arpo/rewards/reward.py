@@ -1,8 +1,12 @@
 """Reward functions `reward(completion_text, ground_truth, **row) -> float`, loadable by name or dotted path.
 
-* `arpo` (the reference's rule, ../shared/ARPO.md §4): −1 for a bad format; otherwise the token F1 of the boxed
-  answer (for math data sources 1.0 when mathematically equal, else the F1), plus 0.1 when that is > 0 and the
-  trajectory used both search and python.
+* `arpo` (the reference's `deep_research.py`, ../shared/ARPO.md §4): −1 for a bad format by the reference's own
+  checks (`reference_format.py`); otherwise the token F1 of the boxed answer (0 when either side is yes / no /
+  noanswer and they differ), plus 0.1 when that is > 0 and the completion holds both `</search>` and `</python>`.
+  Options: `strict_format` judges the format by our block grammar instead (`format.py`: no nesting, answer last,
+  tag text inside code and results is content; with the reference's think-block and call→result rules added) and
+  counts a tool as used only when it was a real call block; `math_equivalence` scores a math data source's answer
+  1.0 when it is mathematically equal to the truth (math-verify, else sympy) — the reference has F1 only.
 * `embedded` (the default CLI task, whose answers are plain: `<answer>5541</answer>`): −1 when the tags are
   unpaired or out of order, the answer block is missing or repeated, or anything but whitespace follows it;
   1 when the answer equals the ground truth (numbers compared as integers, text after normalisation); else 0.
@@ -14,12 +18,14 @@ return its float.
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Callable
 
 from arpo.rewards.answer import exact_match, extract_boxed, math_equal, normalize_answer, token_f1
 from arpo.rewards.format import check_format
+from arpo.rewards.reference_format import check_reference_format
 
 MATH_SOURCES = ("math", "gsm8k", "aime", "amc", "olympiad", "numina", "deepscaler", "svamp", "asdiv", "tabmwp")
 TOOL_BONUS = 0.1
@@ -37,13 +43,18 @@ def is_math_source(data_source: str) -> bool:
     return any(name in source for name in MATH_SOURCES)
 
 
-def score_arpo(completion: str, ground_truth, data_source: str = "", **row) -> RewardResult:
-    fmt = check_format(completion, require_boxed=True)
+def score_arpo(completion: str, ground_truth, data_source: str = "", *, strict_format: bool = False,
+               math_equivalence: bool = False, **row) -> RewardResult:
+    if strict_format:
+        fmt = check_format(completion, require_boxed=True, require_think=True, require_results=True)
+        answer = (extract_boxed(fmt.answer) or "") if fmt.ok else ""
+    else:
+        fmt = check_reference_format(completion)
+        answer = fmt.answer
     if not fmt.ok:
         return RewardResult(-1.0, fmt.reason)
-    answer = extract_boxed(fmt.answer) or ""
     score = token_f1(answer, ground_truth)
-    if is_math_source(data_source) and math_equal(answer, ground_truth):
+    if math_equivalence and is_math_source(data_source) and math_equal(answer, ground_truth):
         score = 1.0
     if score > 0 and {"search", "python"} <= fmt.tools_used:
         score += TOOL_BONUS
@@ -81,6 +92,9 @@ def arpo_reward(completion: str, ground_truth, **row) -> float:
     return score_arpo(completion, ground_truth, **row).score
 
 
+REWARD_OPTIONS = {"arpo": ("strict_format", "math_equivalence")}  # keyword options a built-in reward takes
+
+
 def embedded_reward(completion: str, ground_truth, **row) -> float:
     return score_embedded(completion, ground_truth, **row).score
 
@@ -98,10 +112,14 @@ BUILTIN_REWARDS: dict[str, Callable[..., float]] = {
 }
 
 
-def load_reward(spec: str) -> Callable[..., float]:
-    """A reward function from a built-in name (arpo, embedded, f1, exact_match) or `pkg.module:function`."""
+def load_reward(spec: str, **options) -> Callable[..., float]:
+    """A reward function from a built-in name (arpo, embedded, f1, exact_match) or `pkg.module:function`.
+    `options` (e.g. strict_format=True) are bound into a built-in reward that takes them and ignored by the
+    others, so one config section serves every reward."""
     if spec in BUILTIN_REWARDS:
-        return BUILTIN_REWARDS[spec]
+        fn = BUILTIN_REWARDS[spec]
+        bound = {k: v for k, v in options.items() if k in REWARD_OPTIONS.get(spec, ())}
+        return functools.partial(fn, **bound) if bound else fn
     if ":" not in spec and "." not in spec:
         raise ValueError(f"unknown reward {spec!r}: use one of {sorted(BUILTIN_REWARDS)} or 'pkg.module:function'")
     from arpo.tools.registry import import_object

@@ -39,7 +39,8 @@ def build_tools(cfg) -> ToolExecutor:
 def build_reward(cfg):
     from arpo.rewards import load_reward
 
-    return load_reward(cfg.reward.name)
+    return load_reward(cfg.reward.name, strict_format=cfg.reward.strict_format,
+                       math_equivalence=cfg.reward.math_equivalence)
 
 
 def max_model_len(cfg) -> int:

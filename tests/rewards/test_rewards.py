@@ -15,12 +15,12 @@ GOOD = ("<think>plan</think><search>capital of france</search> <result>\nPage 1:
     ("</think>x<think><answer>\\boxed{a}</answer>", "without a matching"),
     ("<think><search>q</search></think><answer>\\boxed{a}</answer>", "opened inside"),
     ("<think>t</think><result>r</result><answer>\\boxed{a}</answer>", "not directly after a tool call"),
-    ("<answer>\\boxed{a}</answer><search>q</search>", "after the answer"),
-    ("<answer>a</answer>", "no \\boxed"),
+    ("<think>t</think><answer>\\boxed{a}</answer><search>q</search>", "after the answer"),
+    ("<think>t</think><answer>a</answer>", "no \\boxed"),
 ])
 def test_bad_formats_score_minus_one_with_reason(text, reason):
     assert reason in check_format(text).reason
-    res = score_arpo(text, "a")
+    res = score_arpo(text, "a", strict_format=True)
     assert res.score == -1.0 and reason in res.reason
 
 
@@ -69,8 +69,9 @@ def test_arpo_reward_f1_math_and_tool_bonus():
     assert arpo_reward(one_tool, "Paris") == pytest.approx(1.0)
     assert arpo_reward(one_tool, "Paris France") == pytest.approx(_f1_reference("Paris", "Paris France"))
     assert arpo_reward(one_tool, "London") == 0.0
-    math = "<python>print(1/2)</python> <result>\n0.5\n</result><answer>\\boxed{\\frac{1}{2}}</answer>"
-    assert arpo_reward(math, "0.5", data_source="math") == 1.0
+    math = "<think>t</think><python>print(1/2)</python> <result>\n0.5\n</result><answer>\\boxed{\\frac{1}{2}}</answer>"
+    assert arpo_reward(math, "0.5", data_source="math") == 0.0  # the reference: token F1 only
+    assert arpo_reward(math, "0.5", data_source="math", math_equivalence=True) == 1.0
     assert arpo_reward(math, "0.5", data_source="hotpotqa") == 0.0
 
 
