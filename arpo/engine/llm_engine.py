@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import os
 import random
+import warnings
 
 import torch
 
@@ -30,12 +31,17 @@ from arpo.engine.sequence import (
     mix_seed,
 )
 from arpo.engine.model_runner import ModelRunner
+from arpo.engine.stop_ids import eos_ids
+from arpo.engine.tokenizer_files import NO_TOKENIZER, checkpoint_tokenizer
 
 
 class LLMEngine:
+    """`eos_token_id=None` stops on every EOS id the checkpoint declares (see `stop_ids`); an int or a list
+    replaces them (`[]`: no EOS). Without a tokenizer the engine works on token ids; stop strings are refused."""
+
     def __init__(self, model, *, block_size: int = 16, num_blocks: int | None = None,
                  memory_fraction: float = 0.3, max_num_seqs: int = 256, max_num_batched_tokens: int = 4096,
-                 max_model_len: int | None = None, tokenizer=None, eos_token_id: int | None = None,
+                 max_model_len: int | None = None, tokenizer=None, eos_token_id: int | list[int] | None = None,
                  enable_prefix_caching: bool = True, seed: int = 0, decode_graphs: str | None = None,
                  kv_dtype: torch.dtype | None = None):
         if block_size < 1:
@@ -44,7 +50,7 @@ class LLMEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len or getattr(cfg, "max_position_embeddings", 32768)
-        self.eos_token_id = eos_token_id if eos_token_id is not None else _eos_of(cfg, tokenizer)
+        self.eos_token_ids = eos_ids(cfg, tokenizer, eos_token_id)
         self.block_size = block_size
         # the cache's dtype: the model's, unless its weights are decoded in another one (FSDP2 mixed precision
         # keeps fp32 shards and gathers bf16 weights for the rollout)
@@ -72,12 +78,15 @@ class LLMEngine:
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype | None = None, device=None, tokenizer=None, **kw):
-        """Load a local Hugging Face Qwen2 checkpoint directory and build an engine on it."""
+        """Load a local Hugging Face Qwen2 checkpoint directory and build an engine on it, with the tokenizer
+        saved there (none, and a warning, when the directory has no tokenizer files)."""
         from arpo.model import Qwen2Model
 
         model = Qwen2Model.from_pretrained(path, dtype=dtype, device=device)
         if tokenizer is None:
-            tokenizer = _try_tokenizer(path)
+            tokenizer = checkpoint_tokenizer(path)
+            if tokenizer is None:
+                warnings.warn(f"{path}: no tokenizer files; {NO_TOKENIZER}", stacklevel=2)
         return cls(model, tokenizer=tokenizer, **kw)
 
     def _blocks_for_memory(self, fraction: float) -> int:
@@ -95,6 +104,8 @@ class LLMEngine:
     def add(self, prompt_ids: list[int], params: SamplingParams | None = None) -> int:
         """Queue a prompt; returns its sequence id. Nothing runs until `step`."""
         params = params or SamplingParams()
+        if params.stop and self.tokenizer is None:
+            raise ValueError(f"SamplingParams.stop={list(params.stop)}: {NO_TOKENIZER}")
         prompt_ids = [int(t) for t in prompt_ids]
         if not prompt_ids:
             raise ValueError("a prompt needs at least one token")
@@ -271,7 +282,7 @@ class LLMEngine:
         p = seq.params
         tok = out.token_id
         reason = stop = None
-        if (not p.ignore_eos and tok == self.eos_token_id) or tok in p.stop_token_ids:
+        if (not p.ignore_eos and tok in self.eos_token_ids) or tok in p.stop_token_ids:
             reason, stop = "stop", tok
         elif p.stop and self.tokenizer is not None and self._may_complete_stop(tok, p.stop):
             stop = _match_stop(self.tokenizer, seq, p.stop)
@@ -308,24 +319,6 @@ def _match_stop(tokenizer, seq: Sequence, stops: tuple[str, ...]) -> str | None:
         if s in tail and tail.count(s) > before.count(s):
             return s
     return None
-
-
-def _eos_of(cfg, tokenizer) -> int | None:
-    if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
-        return int(tokenizer.eos_token_id)
-    eos = getattr(cfg, "eos_token_id", None)
-    if isinstance(eos, (list, tuple)):
-        eos = eos[0] if eos else None
-    return eos
-
-
-def _try_tokenizer(path: str):
-    try:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(path)
-    except Exception:
-        return None
 
 
 def _replace(params: SamplingParams, **kw) -> SamplingParams:

@@ -49,7 +49,8 @@ def max_model_len(cfg) -> int:
 def build_engine(model, tokenizer, cfg, max_seqs: int, *, sharded: bool = False,
                  kv_dtype: torch.dtype | None = None) -> LLMEngine:
     """An engine on `model` with room for `max_seqs` sequences of full length (on CUDA: a KV cache of 20% of the
-    free memory — the optimiser's state is allocated after it, at the first update).
+    free memory — the optimiser's state is allocated after it, at the first update). It stops on every EOS id
+    the checkpoint declares (generation_config.json, config.json, the tokenizer), in rollouts and eval alike.
 
     Prefix caching is off: cached blocks would hold K/V computed with the weights of an earlier step. An
     FSDP2-`sharded` model decodes only inside `distributed.full_parameters`, whose gathered weights live at new
@@ -61,7 +62,7 @@ def build_engine(model, tokenizer, cfg, max_seqs: int, *, sharded: bool = False,
     if model.device.type != "cuda":
         kw["num_blocks"] = max_seqs * math.ceil(length / BLOCK_SIZE) + 8
     return LLMEngine(model, block_size=BLOCK_SIZE, max_model_len=length, tokenizer=tokenizer,
-                     eos_token_id=tokenizer.eos_token_id, max_num_seqs=max(256, max_seqs),
+                     max_num_seqs=max(256, max_seqs),
                      max_num_batched_tokens=max(4096, cfg.data.max_prompt_tokens * 4), seed=cfg.train.seed,
                      enable_prefix_caching=False, **kw)
 

@@ -89,13 +89,14 @@ def embedded_base_dir(run_dir: str, model_section, seed: int = 0) -> str:
 
 
 def load_tokenizer(path: str):
-    """The tokenizer saved next to a checkpoint (transformers' AutoTokenizer)."""
-    from transformers import AutoTokenizer
+    """The tokenizer saved next to a checkpoint; training needs one (prompts, tool calls, rewards are text)."""
+    from arpo.engine.tokenizer_files import VOCAB_FILES, checkpoint_tokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except Exception as exc:  # noqa: BLE001 - name the directory; transformers' messages rarely do
-        raise RuntimeError(f"{path}: cannot load a tokenizer ({type(exc).__name__}: {exc})") from exc
+    tokenizer = checkpoint_tokenizer(path)
+    if tokenizer is None:
+        raise RuntimeError(f"{path}: no tokenizer files (none of {', '.join(VOCAB_FILES)}); save the model's "
+                           "tokenizer next to the checkpoint (tokenizer.save_pretrained(path))")
+    return tokenizer
 
 
 def policy_dtype(path: str, model_section) -> torch.dtype:
