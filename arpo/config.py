@@ -120,6 +120,9 @@ class ToolsSection:
     search_corpus: Optional[str] = opt(None, "search: local JSONL corpus of {title, text}; null = the bundled "
                                        "embedded corpus")
     search_url: Optional[str] = opt(None, "search: HTTP retriever URL (used instead of the local corpus when set)")
+    search_protocol: Literal["arpo", "retriever"] = opt(
+        "arpo", "search: the service's protocol; arpo = POST {query, top_k}; retriever = Search-R1's retrieval "
+        "server (url ends in /retrieve; POST {queries, topk, return_scores}, a step's queries in one request)")
     search_top_k: int = opt(3, "search: passages returned per query", gt=0)
     max_result_chars: int = opt(3000, "tool output longer than this is truncated (head and tail kept)", gt=0)
     workers: int = opt(8, "tool calls run concurrently in a pool of this many workers", gt=0)
@@ -453,6 +456,9 @@ def validate(cfg: Config) -> Config:
     _check_names("tools.enabled", cfg.tools.enabled, BUILTIN_TOOLS)
     if len(set(cfg.tools.enabled)) != len(cfg.tools.enabled):
         raise ConfigError(f"tools.enabled={cfg.tools.enabled}: a tool is listed twice")
+    if cfg.tools.search_protocol != "arpo" and not cfg.tools.search_url:
+        raise ConfigError(f"tools.search_protocol={cfg.tools.search_protocol} needs tools.search_url (the "
+                          "server's /retrieve URL)")
     _check_names("reward.name", [cfg.reward.name], BUILTIN_REWARDS)
     _check_files("data.train_files", cfg.data.train_files)
     _check_files("data.eval_files", cfg.data.eval_files)

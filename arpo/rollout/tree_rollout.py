@@ -7,8 +7,9 @@ How it maps onto the engine, per prompt:
 1. The prompt is prefilled once, by an *anchor* sequence that samples one throw-away token and then stays
    stopped holding only the prompt's cache. N globals are `fork`ed from it (they re-feed the last prompt token
    for its logits; nothing is prefilled again), and so are fill samples later.
-2. A sequence stops at a tool's closing tag (`</python>`) while the batch keeps decoding; the call goes to the
-   executor's pool; the first step after the future is done appends ` <result>…</result>` with `extend`.
+2. A sequence stops at a tool's closing tag (`</python>`) while the batch keeps decoding; the calls of a step go
+   to the executor's pool together (a batching tool, a retrieval server, answers them in one request); the first
+   step after a call's future is done appends ` <result>…</result>` with `extend`.
    A failing tool gives an error result, a call past the deadline a timeout result: neither stops anything.
 3. After the result the sequence samples k probe tokens; `EntropyBrancher` turns them into a decision; a
    positive one forks Z children at the position right after the result (`fork(at=...)`, shared blocks,
@@ -76,6 +77,7 @@ class TreeRollout:
         self._by_seq: dict[int, Trajectory] = {}
         self._anchors: dict[int, PromptState] = {}
         self._pending: dict = {}  # future -> (trajectory, submit time, engine step it was made after)
+        self._calls: list = []  # (trajectory, call) made in this step, submitted together after it
         self._step_no = 0
         before = dict(self.engine.stats)
         t_start = time.perf_counter()
@@ -98,6 +100,7 @@ class TreeRollout:
                 self.stats["peak_blocks"] = max(self.stats["peak_blocks"], bm.num_blocks - bm.num_free_blocks)
                 for out in outs:
                     self._on_token(out)
+                self._submit_calls()
                 if self.cfg.sync_tools:  # may wait for the calls made before this step
                     t0 = time.perf_counter()
                     self._harvest(block=True, due_only=True)
@@ -242,7 +245,17 @@ class TreeRollout:
             return
         traj.calls += 1
         self.stats["tool_calls"] += 1
-        self._pending[self.tools.submit(call)] = (traj, time.perf_counter(), self._step_no)
+        self._calls.append((traj, call))
+
+    def _submit_calls(self) -> None:
+        """Start the calls this step made, together: a batchable tool (a retrieval server) gets them in one
+        request."""
+        if not self._calls:
+            return
+        now = time.perf_counter()
+        for (traj, _), fut in zip(self._calls, self.tools.submit_many([c for _, c in self._calls])):
+            self._pending[fut] = (traj, now, self._step_no)
+        self._calls = []
 
     def _deadline(self) -> float | None:
         return self.cfg.tool_timeout_s or getattr(self.tools, "timeout_s", None)

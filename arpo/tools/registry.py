@@ -18,8 +18,9 @@ def _python(**kwargs: Any) -> Tool:
 
 
 def _search(**kwargs: Any) -> Tool:
-    """`url=...` selects the HTTP backend; otherwise `corpus_path=...` (default: the bundled embedded corpus)."""
-    from arpo.tools.search import HttpSearch, LocalSearch
+    """`url=...` selects the HTTP backend (`protocol=arpo|retriever`); otherwise `corpus_path=...` (default: the bundled embedded corpus)."""
+    from arpo.tools.http_search import HttpSearch
+    from arpo.tools.search import LocalSearch
 
     if "url" in kwargs:
         return HttpSearch(**kwargs)

@@ -26,7 +26,7 @@ def build_tools(cfg) -> ToolExecutor:
         elif name == "search":
             kw: dict = {"top_k": t.search_top_k}
             if t.search_url:
-                kw["url"] = t.search_url
+                kw.update(url=t.search_url, protocol=t.search_protocol)
             elif t.search_corpus:
                 kw["corpus_path"] = t.search_corpus
             specs[name] = kw
