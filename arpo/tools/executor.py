@@ -5,7 +5,9 @@ A tree rollout reaches dozens of tool calls per step, often identical (16 leaves
 spends its time in a child process, search in numpy), serves repeats from an LRU cache, enforces a per-call
 deadline on top of the tool's own limits, truncates, and turns every failure into an error ToolResult. The calls
 submitted together (`submit_many`: a rollout step's) of a `batchable` tool go to it in one `run_batch` — one
-request to a retrieval server instead of one per query.
+request to a retrieval server instead of one per query. Only those: calls that arrive while a request is in flight
+get their own, so which calls share a request (and a failed request's error) depends on the rollout alone, never
+on timing, and a `sync_tools` rollout stays a function of its seed.
 
     ex = ToolExecutor(load_tools(["python", "search"]), max_workers=8)
     call = ex.parse(generated_text)            # None when the text does not end in a tool call
