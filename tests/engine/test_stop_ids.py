@@ -127,12 +127,17 @@ def test_a_tokenizer_eos_that_differs_from_the_config_stops_too(declared, tmp_pa
 
 def test_a_checkpoint_without_tokenizer_files_runs_on_ids_to_max_tokens(tmp_path):
     from arpo.rollout import TreeRollout
+    from arpo.trainer.embedded import load_tokenizer
 
     hf = _hf_model(vocab=8)
     hf.save_pretrained(tmp_path)
     assert checkpoint_tokenizer(str(tmp_path)) is None
-    with pytest.warns(UserWarning, match="no tokenizer files; stop strings, tool calls and chat need a tokenizer"):
-        engine = LLMEngine.from_pretrained(str(tmp_path), dtype=torch.float32, num_blocks=128, block_size=4)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("default")
+        for _ in range(2):
+            engine = LLMEngine.from_pretrained(str(tmp_path), dtype=torch.float32, num_blocks=128, block_size=4)
+    said = [str(w.message) for w in seen if "no tokenizer files" in str(w.message)]
+    assert len(said) == 1 and "stop strings, tool calls and chat need a tokenizer" in said[0]  # once
     assert engine.tokenizer is None and engine.eos_token_ids == frozenset()
     outs = engine.generate(_prompts(8, (3, 6, 1, 4)), SamplingParams(temperature=1.0, max_tokens=40, seed=3))
     assert all(len(o.token_ids) == 40 and o.finish_reason == "length" and o.text is None for o in outs)
@@ -141,6 +146,8 @@ def test_a_checkpoint_without_tokenizer_files_runs_on_ids_to_max_tokens(tmp_path
         engine.add([1, 2], SamplingParams(stop=("</search>",)))
     with pytest.raises(ValueError, match="needs a tokenizer"):
         TreeRollout(engine)
+    with pytest.raises(RuntimeError, match="no tokenizer files"):
+        load_tokenizer(str(tmp_path))  # training needs one
 
 
 def test_only_vocabulary_files_count_as_a_tokenizer(tmp_path):
