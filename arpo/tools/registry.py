@@ -18,7 +18,8 @@ def _python(**kwargs: Any) -> Tool:
 
 
 def _search(**kwargs: Any) -> Tool:
-    """`url=...` selects the HTTP backend (`protocol=arpo|retriever`); otherwise `corpus_path=...` (default: the bundled embedded corpus)."""
+    """`url=...` selects the HTTP backend (`protocol=arpo|retriever`); otherwise `corpus_path=...` (default: the
+    bundled embedded corpus)."""
     from arpo.tools.http_search import HttpSearch
     from arpo.tools.search import LocalSearch
 
