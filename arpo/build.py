@@ -21,6 +21,7 @@ from dataclasses import replace
 import torch
 
 from arpo.model import ModelConfig, Qwen2Model
+from arpo.settings import ConfigError
 
 BASE_MODEL_DIR = "base_model"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -170,8 +171,6 @@ def engine_config(cfg, max_seqs: int, *, sharded: bool = False, device_type: str
     `max_seqs` sequences, and on the CPU a cache sized for them. An FSDP2-`sharded` model decodes only inside
     `distributed.full_parameters`, whose gathered weights live at new addresses every rollout: no CUDA graphs
     then (they would replay stale weight pointers)."""
-    from arpo.config import ConfigError
-
     e = cfg.engine
     if e.enable_prefix_caching:
         raise ConfigError("engine.enable_prefix_caching=true: a training run's cache would hold K/V computed with "
