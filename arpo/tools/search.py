@@ -10,12 +10,12 @@ reference: `Page 1: title\\ntext` per hit, each passage and the whole answer len
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import threading
 import time
 
+from arpo.jsonl import read_jsonl
 from arpo.tools.base import BaseTool, ToolResult, truncate
 
 _WORD = re.compile(r"[a-z0-9]+")
@@ -36,18 +36,10 @@ def _stopwords() -> frozenset[str]:
 def load_corpus(path: str) -> list[dict]:
     """Read a JSONL corpus; each line needs string fields `title` and `text` (`id` optional)."""
     docs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                doc = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
-            if not isinstance(doc, dict) or not isinstance(doc.get("title"), str) or not isinstance(
-                    doc.get("text"), str):
-                raise ValueError(f"{path}:{lineno}: a corpus line needs string fields 'title' and 'text'")
-            docs.append({"id": str(doc.get("id", lineno)), "title": doc["title"], "text": doc["text"]})
+    for lineno, doc in read_jsonl(path):
+        if not isinstance(doc, dict) or not isinstance(doc.get("title"), str) or not isinstance(doc.get("text"), str):
+            raise ValueError(f"{path}, row {lineno}: a corpus line needs string fields 'title' and 'text'")
+        docs.append({"id": str(doc.get("id", lineno)), "title": doc["title"], "text": doc["text"]})
     if not docs:
         raise ValueError(f"{path}: the corpus is empty")
     return docs

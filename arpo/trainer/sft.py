@@ -16,7 +16,6 @@ or `sft.stop_loss`, else all `sft.steps`.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import re
 import time
@@ -24,6 +23,7 @@ import time
 import torch
 
 from arpo.engine.stop_ids import primary_eos
+from arpo.jsonl import read_jsonl
 from arpo.trainer.data import DataError, PromptSampler, encode_prompt
 from arpo.trainer.metrics import progress_bar
 
@@ -37,28 +37,21 @@ def _segments_of_response(text: str) -> list[tuple[str, bool]]:
 
 def _trace_rows(path: str) -> list[dict]:
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}, row {lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: invalid JSON ({exc.msg})") from None
-            if not isinstance(row, dict) or "prompt" not in row or not ("segments" in row or "response" in row):
-                raise DataError(f"{where}: an SFT trace needs 'prompt' and 'segments' or 'response'")
-            if "segments" in row:
-                segs = row["segments"]
-                if not (isinstance(segs, list) and all(isinstance(s, (list, tuple)) and len(s) == 2
-                                                       and isinstance(s[0], str) for s in segs)):
-                    raise DataError(f"{where}: 'segments' must be a list of [text, trainable] pairs")
-                segs = [(s[0], bool(s[1])) for s in segs]
-            else:
-                if not isinstance(row["response"], str):
-                    raise DataError(f"{where}: 'response' must be a string")
-                segs = _segments_of_response(row["response"])
-            rows.append({"prompt": row["prompt"], "segments": segs})
+    for lineno, row in read_jsonl(path, DataError):
+        where = f"{path}, row {lineno}"
+        if not isinstance(row, dict) or "prompt" not in row or not ("segments" in row or "response" in row):
+            raise DataError(f"{where}: an SFT trace needs 'prompt' and 'segments' or 'response'")
+        if "segments" in row:
+            segs = row["segments"]
+            if not (isinstance(segs, list) and all(isinstance(s, (list, tuple)) and len(s) == 2
+                                                   and isinstance(s[0], str) for s in segs)):
+                raise DataError(f"{where}: 'segments' must be a list of [text, trainable] pairs")
+            segs = [(s[0], bool(s[1])) for s in segs]
+        else:
+            if not isinstance(row["response"], str):
+                raise DataError(f"{where}: 'response' must be a string")
+            segs = _segments_of_response(row["response"])
+        rows.append({"prompt": row["prompt"], "segments": segs})
     if not rows:
         raise DataError(f"{path}: no traces")
     return rows

@@ -127,7 +127,7 @@ def test_a_tokenizer_eos_that_differs_from_the_config_stops_too(declared, tmp_pa
 
 def test_a_checkpoint_without_tokenizer_files_runs_on_ids_to_max_tokens(tmp_path):
     from arpo.rollout import TreeRollout
-    from arpo.trainer.embedded import load_tokenizer
+    from arpo.build import load_tokenizer
 
     hf = _hf_model(vocab=8)
     hf.save_pretrained(tmp_path)

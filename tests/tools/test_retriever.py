@@ -119,7 +119,7 @@ def test_the_executor_sends_calls_submitted_together_in_one_request(url):
 
 def test_the_search_tool_and_config_select_the_protocol(url):
     from arpo.config import ConfigError, load_config
-    from arpo.trainer.components import build_tools
+    from arpo.build import build_tools
 
     assert load_tool("search", url=url, protocol="retriever").run("cats").ok
     with pytest.raises(ValueError, match="protocol must be one of arpo, retriever"):
@@ -144,9 +144,9 @@ def test_a_rollout_batches_queries_and_survives_500s_and_hangs(url):
     engine = LLMEngine(model, tokenizer=tok, num_blocks=1024, block_size=8, max_model_len=512)
     # no result cache: which queries a request carries is then a function of the (seeded) rollout alone
     tools = ToolExecutor({"search": _search(url, timeout_s=1.0)}, max_workers=4, cache_size=0)
-    cfg = RolloutConfig(leaves=4, initial=4, beam=2, max_response_tokens=320, max_tool_calls=2, seed=0,
+    cfg = RolloutConfig(mode="tree", leaves=4, initial=4, beam=2, max_response_tokens=320, max_tool_calls=2,
                         sync_tools=True)
-    trees = TreeRollout(engine, tools, cfg).run([f"Q: {i}*{i + 1}+3=?" for i in range(6)])
+    trees = TreeRollout(engine, tools, cfg).run([f"Q: {i}*{i + 1}+3=?" for i in range(6)], seed=0).trees
     tools.close()
     assert all(len(t.leaves) == 4 for t in trees)
     sent = [q for r in Retriever.requests for q in r["queries"]]
