@@ -92,10 +92,11 @@ class ToolExecutor:
         todo: dict[str, list[int]] = {}
         for i, call in enumerate(calls):
             tool = self.tools.get(call.tag)
-            hit = self.cache.get((call.tag, call.content)) if getattr(tool, "cacheable", True) else None
             if tool is None:
                 results[i] = ToolResult.failure(f"Error: unknown tool <{call.tag}>")
-            elif hit is not None:
+                continue
+            hit = self.cache.get((call.tag, call.content)) if getattr(tool, "cacheable", True) else None
+            if hit is not None:
                 results[i] = ToolResult(hit.text, hit.ok, 0.0, hit.error, dict(hit.meta, cached=True))
             else:
                 todo.setdefault(call.tag, []).append(i)
