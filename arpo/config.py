@@ -32,9 +32,11 @@ from arpo.data.config import DATA_EXTENSIONS, DataConfig
 from arpo.engine.config import EngineConfig
 from arpo.model.policy_config import PolicyConfig
 from arpo.rewards.config import RewardConfig
+from arpo.rewards.reward import BUILTIN_REWARDS as REWARD_REGISTRY
 from arpo.rollout.config import RolloutConfig
 from arpo.settings import ConfigError, set_field, unknown
 from arpo.tools.config import ToolsConfig
+from arpo.tools.registry import BUILTIN_TOOLS as TOOL_REGISTRY
 from arpo.trainer.config import LogConfig, OptimConfig, SftConfig, TrainConfig
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
@@ -81,8 +83,8 @@ class Config:
 
 
 SECTIONS: dict[str, type] = {f.name: type(f.default_factory()) for f in fields(Config)}  # type: ignore[misc]
-BUILTIN_TOOLS = tuple(__import__("arpo.tools.registry", fromlist=["BUILTIN_TOOLS"]).BUILTIN_TOOLS)
-BUILTIN_REWARDS = tuple(__import__("arpo.rewards.reward", fromlist=["BUILTIN_REWARDS"]).BUILTIN_REWARDS)
+BUILTIN_TOOLS = tuple(TOOL_REGISTRY)
+BUILTIN_REWARDS = tuple(REWARD_REGISTRY)
 
 
 def _settable(obj: Any) -> list[str]:
