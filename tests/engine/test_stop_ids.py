@@ -122,7 +122,7 @@ def test_a_tokenizer_eos_that_differs_from_the_config_stops_too(declared, tmp_pa
     assert engine.tokenizer.eos_token_id == b and engine.eos_token_ids == {a, b}
     outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX))
     assert [o.token_ids for o in outs] == [_cut(f, {a, b}) for f in free]
-    assert outs[0].text == "".join(f"t{t}" for t in outs[0].token_ids)
+    assert outs[0].text == " ".join(f"t{t}" for t in outs[0].token_ids)  # the saved pipeline's own decoding
 
 
 def test_a_checkpoint_without_tokenizer_files_runs_on_ids_to_max_tokens(tmp_path):
@@ -179,3 +179,17 @@ def test_checkpoints_carry_the_generation_config_on(declared, tmp_path):
     with open(os.path.join(tmp_path, "generation_config.json")) as f:
         assert json.load(f)["eos_token_id"] == [a, b]
     assert ModelConfig.from_file(str(tmp_path)).generation["eos_token_id"] == [a, b]
+
+
+def test_saved_embedded_tokenizer_keeps_spaces_and_newlines(tmp_path):
+    """The embedded checkpoint's tokenizer (a saved tokenizers pipeline) reloads as itself: AutoTokenizer would
+    pick Qwen2Tokenizer from config.json, whose pre-tokenizer drops spaces and newlines from every text."""
+    from arpo.build import create_embedded_model, load_tokenizer
+    from arpo.data import load_embedded_tokenizer
+    from arpo.model.policy_config import PolicyConfig
+
+    create_embedded_model(PolicyConfig(), str(tmp_path / "m"))
+    text = "x = 3 * 4\nprint(x)  + 12"
+    saved, fresh = load_tokenizer(str(tmp_path / "m")), load_embedded_tokenizer()
+    assert saved.encode(text, add_special_tokens=False) == fresh.encode(text, add_special_tokens=False)
+    assert saved.decode(saved.encode(text, add_special_tokens=False)) == text
