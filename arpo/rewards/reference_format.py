@@ -11,7 +11,8 @@ Then the answer is the last `\\boxed` of the answer block with its braces matche
 `\\boxed{` without its closing brace is −1 too (`remove_boxed` raises there). Tag text counts wherever it is —
 inside code, a tool result or the answer — and text after the answer is allowed.
 
-`arpo.rewards.format.check_format` (strict mode) parses blocks instead; README "Reward" lists where they differ.
+`arpo.rewards.format.check_format` (strict mode) parses blocks instead; README "Branching, reward and call limit"
+lists where they differ.
 """
 from __future__ import annotations
 

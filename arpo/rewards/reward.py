@@ -5,8 +5,10 @@
   noanswer and they differ), plus 0.1 when that is > 0 and the completion holds both `</search>` and `</python>`.
   Options: `strict_format` judges the format by our block grammar instead (`format.py`: no nesting, answer last,
   tag text inside code and results is content; with the reference's think-block and call→result rules added) and
-  counts a tool as used only when it was a real call block; `math_equivalence` scores a math data source's answer
-  1.0 when it is mathematically equal to the truth (math-verify, else sympy) — the reference has F1 only.
+  counts a tool as used only when it was a real call block (a box that never closes is −1 in both);
+  `math_equivalence` scores a math data source's answer 1.0 when it is mathematically equal to the truth
+  (math-verify, else sympy) — the reference has F1 only. README "Branching, reward and call limit" lists
+  where the two differ.
 * `embedded` (the default CLI task, whose answers are plain: `<answer>5541</answer>`): −1 when the tags are
   unpaired or out of order, the answer block is missing or repeated, or anything but whitespace follows it;
   1 when the answer equals the ground truth (numbers compared as integers, text after normalisation); else 0.
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from arpo.rewards.answer import exact_match, extract_boxed, math_equal, normalize_answer, token_f1
-from arpo.rewards.format import check_format
+from arpo.rewards.format import FormatCheck, check_format
 from arpo.rewards.reference_format import check_reference_format
 
 MATH_SOURCES = ("math", "gsm8k", "aime", "amc", "olympiad", "numina", "deepscaler", "svamp", "asdiv", "tabmwp")
@@ -47,7 +49,9 @@ def score_arpo(completion: str, ground_truth, data_source: str = "", *, strict_f
                math_equivalence: bool = False, **row) -> RewardResult:
     if strict_format:
         fmt = check_format(completion, require_boxed=True, require_think=True, require_results=True)
-        answer = (extract_boxed(fmt.answer) or "") if fmt.ok else ""
+        answer = extract_boxed(fmt.answer) if fmt.ok else ""
+        if answer is None:  # `\boxed{` whose braces never close: −1, as in the reference
+            fmt = FormatCheck(False, "\\boxed{ without its closing brace")
     else:
         fmt = check_reference_format(completion)
         answer = fmt.answer

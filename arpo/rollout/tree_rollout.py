@@ -27,7 +27,8 @@ How it maps onto the engine, per prompt:
 Where this differs from the reference's rollout (`vllm_rollout_with_tools.py`) on purpose:
 - H_t is measured on the k tokens sampled right *after* the tool result (the text the result leads to, which
   decides whether branching there pays); the reference scores the first 20 tokens of the segment that ended
-  *with* the call, i.e. before the result.
+  *with* the call, i.e. before the result — at a trajectory's first call that is the very segment its H_init
+  came from, so there ΔH = 0 and P = α.
 - A child's H_init is its path's first k sampled tokens — its parent's H_init, the same prompt and opening; the
   reference keys H_init by sample index in a dict that is never reset, so a child (a new index) takes the
   entropy of its first own segment, and an index reused in a later step keeps a stale value.

@@ -112,6 +112,7 @@ def test_the_run_config_composes_the_rollout_settings():
     cfg = rollout_config(run)
     assert cfg.mode == "tree" and run.rollout.mode == "auto"
     assert (cfg.leaves, cfg.initial, cfg.branch_rule, cfg.alpha, cfg.probe_tokens) == (4, 2, "bernoulli", 0.5, 4)
-    assert (cfg.entropy_reduce, cfg.over_limit) == ("sum", "end")  # the reference's, by default
-    cfg = rollout_config(load_config(None, ["rollout.entropy_reduce=mean", "rollout.over_limit=text"]))
-    assert (cfg.entropy_reduce, cfg.over_limit) == ("mean", "text")
+    assert (cfg.entropy_reduce, cfg.over_limit) == ("mean", "text")  # the embedded preset's, as measured
+    assert (RolloutConfig().entropy_reduce, RolloutConfig().over_limit) == ("sum", "end")  # the reference's
+    cfg = rollout_config(load_config(None, ["rollout.entropy_reduce=sum", "rollout.over_limit=end"]))
+    assert (cfg.entropy_reduce, cfg.over_limit) == ("sum", "end")
