@@ -2,6 +2,7 @@
 
     arpo train                                   # the embedded default: tiny model, SFT cold start, ARPO, on CPU
     arpo train algo=grpo                         # the GRPO baseline on the same task (run dir runs/embedded-grpo)
+    arpo train algo=dapo                         # DAPO (clip-higher, dynamic sampling; runs/embedded-dapo)
     arpo train my.yaml model.path=/models/qwen3b rollout.leaves=8
     arpo train --print-config                    # every field with its help text, as loadable YAML
     arpo train --resume                          # continue from the newest checkpoint in train.run_dir
@@ -54,9 +55,9 @@ def load_cli_config(items: list[str], extra: list[str] = ()):
         raise ConfigError(f"{bad[0]!r}: expected section.key=value (only the first argument may be a config file)")
     overrides = list(overrides) + list(extra)
     cfg = load_config(path, overrides)
-    if cfg.algo.name == "grpo" and cfg.train.run_dir == EMBEDDED_RUN_DIR and \
+    if cfg.algo.name != "arpo" and cfg.train.run_dir == EMBEDDED_RUN_DIR and \
             not any(o.startswith("train.run_dir=") for o in overrides):
-        cfg.train.run_dir = EMBEDDED_RUN_DIR + "-grpo"  # keep the baseline next to, not over, the ARPO run
+        cfg.train.run_dir = f"{EMBEDDED_RUN_DIR}-{cfg.algo.name}"  # baselines next to, not over, the ARPO run
     return cfg
 
 
@@ -325,8 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"arpo {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    train = sub.add_parser("train", help="RL training (ARPO or GRPO); no arguments = the embedded CPU demo",
-                           description="Train a policy with ARPO (or GRPO: algo=grpo). Without a config file: the "
+    train = sub.add_parser("train", help="RL training (ARPO, GRPO or DAPO); no arguments = the embedded CPU demo",
+                           description="Train a policy with ARPO (or GRPO: algo=grpo, DAPO: algo=dapo). Without a "
+                                       "config file: the "
                                        "embedded task (tiny model created in runs/embedded, SFT cold start, ARPO).")
     _config_args(train)
     train.add_argument("--print-config", action="store_true", help="print the full config (YAML with help) and exit")

@@ -75,7 +75,7 @@ class Config:
         """'tree' or 'trajectory', resolving rollout.mode=auto from algo.name."""
         if self.rollout.mode != "auto":
             return self.rollout.mode
-        return "trajectory" if self.algo.name == "grpo" else "tree"
+        return "trajectory" if self.algo.name in ("grpo", "dapo") else "tree"
 
     @property
     def embedded_task(self) -> bool:

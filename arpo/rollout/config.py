@@ -15,7 +15,7 @@ EOS; `text` lets generation go on with the tags as plain text), 4096 response to
   is reached then no longer depends on thread timing — what exact resumption of a training run needs. False
   appends each result at the first step after it is ready (more overlap, timing-dependent budget race).
 - `mode: auto` (a run's default) is resolved by the run builder (tree for algo.name=arpo, trajectory for
-  grpo); `TreeRollout` itself needs `tree` (the default here) or `trajectory`.
+  grpo and dapo); `TreeRollout` itself needs `tree` (the default here) or `trajectory`.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ class RolloutConfig:
 
     mode: Literal["auto", "tree", "trajectory"] = opt(
         "tree", "tree = ARPO entropy-branching trees; trajectory = independent samples (GRPO baseline); "
-        "auto = tree for algo.name=arpo, trajectory for grpo")
+        "auto = tree for algo.name=arpo, trajectory for grpo and dapo")
     leaves: int = opt(16, "M: trajectories (leaves) per prompt; every prompt yields exactly M", gt=0)
     initial: int = opt(8, "N: global samples started per prompt before branching (<= leaves)", gt=0)
     beam: int = opt(1, "Z: children forked per branching decision", gt=0)

@@ -6,7 +6,8 @@
 One step (1-based `step`):
 1. the prompts of the step (`PromptSampler`, a pure function of (seed, step));
 2. `TreeRollout.run` on the engine that holds the policy's own parameters (no copy), tools in the loop, seeded by
-   (train.seed, step) — tree rollouts for ARPO, independent trajectories for GRPO (`algo=grpo`);
+   (train.seed, step) — tree rollouts for ARPO, independent trajectories for GRPO (`algo=grpo`) and DAPO
+   (`algo=dapo`: prompts whose leaves all got one reward are dropped and more are rolled out, `arpo.algo.dapo`);
 3. rewards come with the leaves; `policy_update` packs the trees, normalises advantages per prompt, applies the
    segmented PPO loss (soft or hard attribution) in mini-batches and steps AdamW; the lr scheduler steps;
 4. metrics go to metrics.jsonl / TensorBoard / W&B: reward, accuracy (leaves with reward 1), format_ok, entropy
@@ -16,7 +17,9 @@ One step (1-based `step`):
    packed_tokens / packing_saving (tree packing vs one row per leaf), time/rollout, time/tools, time/update,
    loss, grad_norm, lr, update/* (clip fractions, approx_kl, trainer entropy, kl) and logprob_gap/* (sampler vs
    trainer log-probs of the same tokens); held-out eval/* every `train.eval_every` steps, at step 0 (the start
-   model) and at the end; checkpoints every `train.save_every` steps and at the end.
+   model) and at the end; checkpoints every `train.save_every` steps and at the end. Under `algo=dapo` the
+   rollout numbers cover every prompt rolled out, dropped ones too, and `dapo/*` adds rounds, sampled / dropped /
+   kept prompts and the overlong penalty (mean per kept leaf, share of kept leaves penalised).
 
 Determinism: every random choice is seeded from train.seed and the step, tool results are awaited each decode
 step, and the checkpoint holds weights, optimiser, scheduler and RNG states — so `--resume` reproduces the
@@ -39,6 +42,7 @@ import time
 import numpy as np
 import torch
 
+from arpo.algo.dapo import apply_overlong_penalty, dynamic_sampling, overlong_buffer_tokens
 from arpo.config import check_paths, config_to_dict, config_to_yaml
 from arpo.trainer import checkpoint as ckpt_lib
 from arpo.trainer import distributed as D
@@ -220,20 +224,49 @@ class Trainer:
     def step(self, step: int) -> dict:
         """Training step `step` (1-based): rollout, update, scheduler; returns its metrics."""
         cfg = self.cfg
-        prompts = self.prompt_sampler.batch(step - 1)
-        mine = D.shard_prompts(list(range(len(prompts))))  # this rank's places in the global batch
         self.model.eval()
-        with D.full_parameters(self.model):
-            result = self.rollout.run([prompts[i] for i in mine], seed=step_seed(cfg.train.seed, step),
-                                      seed_indices=mine)
-        metrics = rollout_metrics(result.trees, result.stats)
+        trees, metrics = self._rollout(step)
         t0 = time.perf_counter()
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
-        metrics.update(policy_update(self.model, result.trees, cfg, self.optimizer, self.ref_model,
+        metrics.update(policy_update(self.model, trees, cfg, self.optimizer, self.ref_model,
                                      temperature=self.rollout.cfg.temperature))
         self.lr_scheduler.step()
         metrics["time/update"] = time.perf_counter() - t0
         return metrics
+
+    def _rollout_round(self, step: int, r: int):
+        """Rollout round `r` of training step `step`: round 0 is the step's own batch; DAPO's extra round r draws
+        the batch after the run's last, steps + (step − 1)·R + r (R = algo.dapo_resample_rounds): never one the
+        schedule uses, the same on resume, and in file order just as the schedule when data.shuffle is off."""
+        t = self.cfg.train
+        index = step if r == 0 else t.steps + (step - 1) * self.cfg.algo.dapo_resample_rounds + r
+        prompts = self.prompt_sampler.batch(index - 1)
+        mine = D.shard_prompts(list(range(len(prompts))))  # this rank's places in the global batch
+        with D.full_parameters(self.model):
+            return self.rollout.run([prompts[i] for i in mine], seed=step_seed(t.seed, index),
+                                    seed_indices=mine)
+
+    def _rollout(self, step: int) -> tuple[list, dict]:
+        """This rank's trees to train on, and the rollout metrics. Under algo=dapo: the informative prompts of up
+        to 1 + dapo_resample_rounds rounds, length-penalised; the metrics then cover every prompt rolled out
+        (its tool executions, tokens and time were spent), before the penalty, plus `dapo/*` counts."""
+        a = self.cfg.algo
+        if a.name != "dapo":
+            result = self._rollout_round(step, 0)
+            return result.trees, rollout_metrics(result.trees, result.stats)
+        sample = dynamic_sampling(lambda r: self._rollout_round(step, r), self.local_prompts, a.dapo_resample_rounds,
+                                  common=lambda n: int(-D.max_across_ranks(-n)))
+        metrics = rollout_metrics(sample.rolled, sample.stats)
+        max_len = self.cfg.rollout.max_response_tokens
+        pen = apply_overlong_penalty(sample.kept, max_len, overlong_buffer_tokens(max_len, a.dapo_overlong_buffer),
+                                     a.dapo_overlong_penalty)
+        sampled, dropped, kept, penalty, hit, leaves = D.sum_across_ranks(
+            [sample.sampled, sample.dropped, len(sample.kept), pen["penalty"], pen["penalised"], pen["leaves"]])
+        metrics.update({"dapo/rounds": sample.rounds, "dapo/sampled_prompts": int(sampled),
+                        "dapo/dropped_prompts": int(dropped), "dapo/kept_prompts": int(kept),
+                        "dapo/overlong_penalty": penalty / max(leaves, 1),
+                        "dapo/overlong_leaves": hit / max(leaves, 1)})
+        return sample.kept, metrics
 
     def evaluate(self) -> dict:
         if not self.eval_prompts:

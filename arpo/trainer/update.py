@@ -66,7 +66,7 @@ def token_stats(model, batch, temperature: float, bf16: bool) -> tuple[torch.Ten
 
 def _loss_kwargs(cfg) -> dict:
     a = cfg.algo
-    return {"clip_low": a.clip_low, "clip_high": a.clip_high,
+    return {"clip_low": a.clip_low, "clip_high": a.upper_clip(),
             "dual_clip": a.dual_clip if a.dual_clip is not None else NO_DUAL_CLIP,
             "kl_coef": a.kl_coef, "entropy_clip": a.aepo_entropy_clip,
             "entropy_adv_coef": a.aepo_entropy_adv_coef if a.aepo_entropy_advantage else 0.0}

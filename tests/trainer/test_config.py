@@ -43,7 +43,7 @@ def test_examples_present_and_reference_values():
     ref = load_config(os.path.join(CONFIG_DIR, "qwen2.5-3b-h100.yaml"))
     assert (ref.rollout.leaves, ref.rollout.initial, ref.rollout.beam, ref.rollout.probe_tokens) == (16, 8, 1, 20)
     assert (ref.rollout.alpha, ref.rollout.beta, ref.rollout.tau) == (0.5, 0.2, 0.5)
-    assert (ref.algo.clip_low, ref.algo.clip_high, ref.algo.dual_clip, ref.algo.kl_coef) == (0.2, 0.2, 3.0, 0.0)
+    assert (ref.algo.clip_low, ref.algo.upper_clip(), ref.algo.dual_clip, ref.algo.kl_coef) == (0.2, 0.2, 3.0, 0.0)
     assert (ref.rollout.entropy_reduce, ref.rollout.branch_rule, ref.rollout.over_limit) == ("sum", "bernoulli", "end")
     assert (ref.optim.lr, ref.optim.weight_decay, ref.train.batch_prompts, ref.train.mini_batch_prompts) == \
         (1e-6, 0.01, 128, 16)

@@ -88,6 +88,40 @@ def test_grpo_mode_runs_trajectories(root, monkeypatch):
     assert "update/kl" in m and m["update/kl"] == pytest.approx(0.0, abs=1e-6)  # one mini-batch: policy == reference
 
 
+def test_dapo_step_drops_uniform_prompts_refills_and_penalises_length(root, monkeypatch):
+    """algo=dapo end to end: prompts with small answers give every leaf reward 0 (split_reward) and are dropped, extra
+    rounds refill the batch, the kept leaves carry the overlong penalty, the update runs with clip-higher."""
+    import arpo.trainer.trainer as trainer_mod
+    from arpo.algo.dapo import informative, overlong_penalty
+
+    reward = install_reward(root, monkeypatch).replace("digit_reward", "split_reward")
+    from trainer_test_reward import UNIFORM_BELOW
+    trainer = Trainer(tiny_config(root, os.path.join(root, "dapo"), reward, "algo=dapo",
+                                  "algo.dapo_resample_rounds=3", "algo.dapo_overlong_buffer=0.5"))
+    assert trainer.rollout.cfg.mode == "trajectory" and trainer.cfg.algo.upper_clip() == 0.28
+    seen = []
+    real_update = trainer_mod.policy_update
+    monkeypatch.setattr(trainer_mod, "policy_update", lambda model, trees, *a, **k: seen.append(trees) or
+                        real_update(model, trees, *a, **k))
+    before = _params(trainer.model)
+    m = trainer.step(1)
+    trainer.close()
+    (kept,) = seen
+    rounds, sampled, dropped = m["dapo/rounds"], m["dapo/sampled_prompts"], m["dapo/dropped_prompts"]
+    assert 1 <= rounds <= 4 and sampled == 2 * rounds and m["leaves"] == 4 * sampled  # metrics cover every round
+    assert dropped >= 1 and m["dapo/kept_prompts"] == len(kept) == min(2, sampled - dropped)
+    assert rounds == 4 or len(kept) == 2  # it stops once the batch is full, or at the bound
+    assert kept and all(int(t.answer) >= UNIFORM_BELOW for t in kept)  # the uniform prompts are gone
+    for t in kept:
+        task = [l.metadata["task_reward"] for l in t.leaves]
+        assert len(set(task)) > 1  # the filter read the task reward
+        want = [r + overlong_penalty(len(t.leaf_token_ids(l)), 48, 24) for r, l in zip(task, t.leaves)]
+        assert t.rewards() == pytest.approx(want)
+    assert m["dapo/overlong_leaves"] > 0 and m["dapo/overlong_penalty"] < 0
+    assert all(informative(t) for t in kept) and math.isfinite(m["loss"])
+    assert any(not torch.equal(v, before[k]) for k, v in _params(trainer.model).items())
+
+
 def test_embedded_default_creates_model_and_cold_starts_once(tmp_path):
     """`model.path=embedded`: the tiny model is created in the run dir, SFT runs once, later runs reuse both."""
     from arpo.config import load_config

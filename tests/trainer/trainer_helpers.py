@@ -22,6 +22,16 @@ class EchoTool(BaseTool):
 def digit_reward(completion, ground_truth, **row):
     """More digits, more reward: any policy's leaves get different rewards."""
     return sum(c.isdigit() for c in completion) / 10.0 - (1.0 if "<answer>" not in completion else 0.0)
+
+
+UNIFORM_BELOW = 40000
+
+
+def split_reward(completion, ground_truth, **row):
+    """0 for every leaf of a question whose answer is below UNIFORM_BELOW (a group that teaches nothing: DAPO
+    drops it), digit_reward's spread for the others."""
+    truth = ground_truth[0] if isinstance(ground_truth, (list, tuple)) else ground_truth
+    return 0.0 if int(str(truth)) < UNIFORM_BELOW else digit_reward(completion, ground_truth)
 '''
 
 
