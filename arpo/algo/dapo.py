@@ -10,8 +10,9 @@ Of DAPO's four changes, two live in the loss settings and two here:
   step trains on what it has. The filter reads the task reward, before the length penalty (the paper filters on
   accuracy);
 - **overlong soft penalty** (`overlong_penalty`): with L_max = `rollout.max_response_tokens` and a buffer of
-  L_buf tokens, a response of L tokens gets 0 up to L_max − L_buf, then a linear ramp to −1 at L_max (−1 past
-  it), times `algo.dapo_overlong_penalty`, added to its reward before the group advantages.
+  L_buf tokens, a response of L tokens (sampled + tool-result tokens: what that cap counts) gets 0 up to
+  L_max − L_buf, then a linear ramp to −1 at L_max (−1 past it), times `algo.dapo_overlong_penalty`, added to
+  its reward before the group advantages.
 """
 from __future__ import annotations
 

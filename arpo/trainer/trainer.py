@@ -56,6 +56,7 @@ from arpo.trainer.optimizer import MasterWeightAdamW, build_optimizer
 from arpo.trainer.update import policy_update
 
 SFT_MODEL_DIR = "sft_model"
+EXTRA_SEED = 0x5DA90  # offsets train.seed for DAPO's extra rollout rounds (prompt order and sampling)
 
 
 def seed_everything(seed: int) -> None:
@@ -158,6 +159,9 @@ class Trainer:
         self.train_prompts = prompt_inputs(train_rows(cfg), self.tokenizer, cfg.data)
         self.eval_prompts = prompt_inputs(eval_rows(cfg), self.tokenizer, cfg.data)
         self.prompt_sampler = PromptSampler(self.train_prompts, cfg.train.batch_prompts, cfg.train.seed, cfg.data.shuffle)
+        # DAPO's extra rounds draw from a stream of their own, so the step schedule stays what GRPO's is
+        self.extra_sampler = PromptSampler(self.train_prompts, cfg.train.batch_prompts, cfg.train.seed + EXTRA_SEED,
+                                           cfg.data.shuffle)
         if ck is not None:
             ck.restore_rng()
         self.model.eval()
@@ -235,16 +239,19 @@ class Trainer:
         return metrics
 
     def _rollout_round(self, step: int, r: int):
-        """Rollout round `r` of training step `step`: round 0 is the step's own batch; DAPO's extra round r draws
-        the batch after the run's last, steps + (step − 1)·R + r (R = algo.dapo_resample_rounds): never one the
-        schedule uses, the same on resume, and in file order just as the schedule when data.shuffle is off."""
+        """Rollout round `r` of training step `step`. Round 0 is the step's own batch; DAPO's extra round r ≥ 1
+        is batch (step − 1)·R + r of the extra stream (R = algo.dapo_resample_rounds; its own shuffle, or file
+        order from the second batch on when data.shuffle is off), seeded apart from every step: keyed by
+        (step, r) alone, so an interrupted and resumed run draws the same prompts whatever train.steps says."""
         t = self.cfg.train
-        index = step if r == 0 else t.steps + (step - 1) * self.cfg.algo.dapo_resample_rounds + r
-        prompts = self.prompt_sampler.batch(index - 1)
+        if r == 0:
+            prompts, seed = self.prompt_sampler.batch(step - 1), step_seed(t.seed, step)
+        else:
+            k = (step - 1) * self.cfg.algo.dapo_resample_rounds + r
+            prompts, seed = self.extra_sampler.batch(k), step_seed(t.seed + EXTRA_SEED, k)
         mine = D.shard_prompts(list(range(len(prompts))))  # this rank's places in the global batch
         with D.full_parameters(self.model):
-            return self.rollout.run([prompts[i] for i in mine], seed=step_seed(t.seed, index),
-                                    seed_indices=mine)
+            return self.rollout.run([prompts[i] for i in mine], seed=seed, seed_indices=mine)
 
     def _rollout(self, step: int) -> tuple[list, dict]:
         """This rank's trees to train on, and the rollout metrics. Under algo=dapo: the informative prompts of up

@@ -120,6 +120,12 @@ def test_dapo_step_drops_uniform_prompts_refills_and_penalises_length(root, monk
     assert m["dapo/overlong_leaves"] > 0 and m["dapo/overlong_penalty"] < 0
     assert all(informative(t) for t in kept) and math.isfinite(m["loss"])
     assert any(not torch.equal(v, before[k]) for k, v in _params(trainer.model).items())
+    # the extra rounds are keyed by (step, round) alone: a run of another length (a resumed one) draws the same
+    again = Trainer(tiny_config(root, os.path.join(root, "dapo-long"), reward, "algo=dapo", "train.steps=7",
+                                "algo.dapo_resample_rounds=3", "algo.dapo_overlong_buffer=0.5"))
+    m2 = again.step(1)
+    again.close()
+    assert _comparable(m2) == _comparable(m)
 
 
 def test_embedded_default_creates_model_and_cold_starts_once(tmp_path):
