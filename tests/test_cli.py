@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from arpo.cli import load_cli_config, main, split_config_args
-from arpo.config import load_config
+from arpo.config import config_from_dict, load_config
 
 
 def test_help_lists_every_command(capsys):
@@ -33,6 +33,9 @@ def test_print_config_is_loadable_yaml_with_overrides(tmp_path, capsys):
     assert cfg.rollout.leaves == 6 and cfg.algo.name == "grpo" and cfg.rollout_mode == "trajectory"
     assert cfg.train.run_dir == "runs/embedded-grpo"  # the baseline does not overwrite the ARPO run
     assert yaml.safe_load(text)["model"]["path"] == "embedded"
+    assert main(["train", "--print-config", "algo=dapo"]) == 0  # DAPO: its own run dir, clip_high left to it
+    cfg = config_from_dict(yaml.safe_load(capsys.readouterr().out))
+    assert cfg.train.run_dir == "runs/embedded-dapo" and cfg.algo.clip_high is None and cfg.algo.upper_clip() == 0.28
 
 
 def test_config_file_then_overrides(tmp_path):
