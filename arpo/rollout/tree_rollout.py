@@ -36,6 +36,8 @@ Where this differs from the reference's rollout (`vllm_rollout_with_tools.py`) o
   fill the budget at once and cannot branch (the budget is spent); the reference adds one fresh sample per
   generation round, and those may branch later.
 - One uniform draw per decision forks all Z children; the reference draws once per extra beam.
+- A call with empty content is run like any other (the tool answers it); the reference ends the trajectory
+  there, with no result (so −1 under its reward).
 
 Determinism: sampling is counter-based per (seed, position) and every trajectory's seed and bernoulli draw are
 hashed from (seed, prompt, trajectory path), so a trajectory's tokens do not depend on batch order or timing.
