@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from arpo.trainer import distributed as D
-from trainer_helpers import REWARD_MODULE, make_policy_dir, tiny_config
+from trainer_helpers import as_cli_args, make_policy_dir, reward_root, tiny_config
 
 pytestmark = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available() and D.HAS_FSDP2),
@@ -32,14 +32,8 @@ CLOSE_METRICS = ("loss", "grad_norm", "update/clip_frac", "update/approx_kl", "u
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("dist_train"))
-    make_policy_dir(path)
-    with open(os.path.join(path, "trainer_test_reward.py"), "w", encoding="utf-8") as f:
-        f.write(REWARD_MODULE)
-    sys.path.insert(0, path)  # the reward and tool module, for the in-process runs
-    yield path
-    sys.path.remove(path)
-    sys.modules.pop("trainer_test_reward", None)
+    with reward_root(str(tmp_path_factory.mktemp("dist_train"))) as path:
+        yield path
 
 
 def config(root: str, run_dir: str, *extra: str):
@@ -48,14 +42,7 @@ def config(root: str, run_dir: str, *extra: str):
 
 def cli_args(root: str, run_dir: str) -> list[str]:
     """The same config as `config`, as `arpo train` arguments."""
-    from arpo.config import config_to_dict
-
-    cfg = config_to_dict(config(root, run_dir))
-    args = []
-    for section, fields in cfg.items():
-        if isinstance(fields, dict):
-            args += [f"{section}.{k}={json.dumps(v)}" for k, v in fields.items() if v is not None]
-    return args
+    return as_cli_args(config(root, run_dir))
 
 
 def run_in_process(root: str, run_dir: str, resume: str | None = None) -> None:
