@@ -94,12 +94,14 @@ def _torchrun(args: argparse.Namespace) -> int:
         rest.append("--overwrite")
     # torchrun in its own session (and its ranks in theirs): a signal reaches the ranks once, through torchrun,
     # which passes it on to every rank and gives them 30 s to checkpoint and exit, whether it came from a scheduler
-    # (SIGTERM to this process) or a terminal (Ctrl-C). A second one goes straight to the ranks: they stop at once.
+    # (SIGTERM to this process) or a terminal (Ctrl-C). A second Ctrl-C goes straight to the ranks: they stop at once.
     proc = subprocess.Popen(torchrun_argv(args.nproc, rest), start_new_session=True)
     got: list[int] = []
 
     def forward(signum, frame):
         got.append(signum)
+        if len(got) > 1 and signum != signal.SIGINT:
+            return  # a repeated SIGTERM: the ranks are stopping already
         for pid in ([proc.pid] if len(got) == 1 else _children(proc.pid) or [proc.pid]):
             try:
                 os.kill(pid, signum)

@@ -3,8 +3,9 @@
 A scheduler about to pre-empt a job sends SIGTERM and waits a grace period; a person presses Ctrl-C. The first
 such signal only sets a flag: the step in flight finishes (a step half-applied to the weights would be neither
 the old nor the new model), the trainer writes a checkpoint of it (`train.save_on_signal`) and returns, and
-`arpo train` exits with the conventional status 128 + signal (143 for SIGTERM, 130 for Ctrl-C). A second signal
-raises SecondSignal (a KeyboardInterrupt) at once; checkpoints are written to a temporary directory and renamed, and metrics
+`arpo train` exits with the conventional status 128 + signal (143 for SIGTERM, 130 for Ctrl-C). A second Ctrl-C
+raises SecondSignal (a KeyboardInterrupt) at once; a repeated SIGTERM is ignored (schedulers such as Slurm send
+it to every process of a job, so a torchrun rank gets it from the scheduler and again from torchrun); checkpoints are written to a temporary directory and renamed, and metrics
 lines are single writes, so even that leaves no torn checkpoint behind.
 
 Under torchrun every rank asks `agreed()` after each step, which all-reduces the flag: if any rank was
@@ -51,10 +52,12 @@ class StopOnSignal:
 
     def _handle(self, signum: int, frame) -> None:
         if self.signum is not None:
-            raise SecondSignal(signum)
+            if signum == signal.SIGINT:
+                raise SecondSignal(signum)
+            return  # already stopping after this step
         self.signum = signum
         self.echo(f"{signal.Signals(signum).name}: finishing the current step, then checkpoint and stop "
-                  "(send it again to stop at once)")
+                  "(Ctrl-C to stop at once)")
 
     def agreed(self) -> int | None:
         """The signal that stops the run, the same on every rank (collective under torchrun), or None."""
