@@ -127,7 +127,8 @@ def load_policy(path: str, model_section, dtype: torch.dtype | None = None) -> t
 def _checked_load(path: str, load):
     """`load()` of the model directory `path`, its failures (a truncated or missing file, a bad config) as one
     CheckpointError naming the directory and the file, rather than a library traceback. A checkpoint with a
-    manifest is verified first, so the error names the bad file even when the library would not."""
+    manifest is checked first (files present, sizes; the checksums are `--resume`'s, which verified them
+    already), so the error names the bad file even when the library would not."""
     from safetensors import SafetensorError
 
     from arpo.trainer.checkpoint import CheckpointError, verify_checkpoint
@@ -135,7 +136,7 @@ def _checked_load(path: str, load):
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: no such model directory")
     if os.path.isfile(os.path.join(path, "trainer_state.json")):
-        problem = verify_checkpoint(path)
+        problem = verify_checkpoint(path, checksums=False)
         if problem is not None:
             raise CheckpointError(f"{path}: bad checkpoint: {problem}")
     try:

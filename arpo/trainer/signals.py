@@ -4,9 +4,10 @@ A scheduler about to pre-empt a job sends SIGTERM and waits a grace period; a pe
 such signal only sets a flag: the step in flight finishes (a step half-applied to the weights would be neither
 the old nor the new model), the trainer writes a checkpoint of it (`train.save_on_signal`) and returns, and
 `arpo train` exits with the conventional status 128 + signal (143 for SIGTERM, 130 for Ctrl-C). A second Ctrl-C
-raises SecondSignal (a KeyboardInterrupt) at once; a repeated SIGTERM is ignored (schedulers such as Slurm send
-it to every process of a job, so a torchrun rank gets it from the scheduler and again from torchrun); checkpoints are written to a temporary directory and renamed, and metrics
-lines are single writes, so even that leaves no torn checkpoint behind.
+raises SecondSignal (a KeyboardInterrupt) at once; checkpoints are written to a temporary directory and renamed,
+and metrics lines are single writes, so even that leaves no torn checkpoint behind. A repeated SIGTERM is ignored:
+schedulers such as Slurm send it to every process of a job, so a torchrun rank gets it from the scheduler and
+again from torchrun.
 
 Under torchrun every rank asks `agreed()` after each step, which all-reduces the flag: if any rank was
 signalled, all of them stop after the same step and write the same checkpoint together.

@@ -293,39 +293,37 @@ class Trainer:
         last: dict = {}
         path = None
         stopped = None
-        stop = StopOnSignal(self.echo)
-        try:
-            stop.__enter__()
-            if not self.resume_path:
-                first = self.evaluate()
-                if first:
-                    logger.log(0, first)
-                    summary["eval_start"] = first
-                    self.echo(f"held-out before RL: {_eval_line(first)}")
-            for step in range(self.start_step + 1, t.steps + 1):
-                last = self.step(step)
-                if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
-                    last.update(self.evaluate())
-                row = logger.log(step, last)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix_str(progress_postfix(row))
-                else:
-                    self.echo(f"step {step}/{t.steps} {progress_postfix(row)}")
-                saved = (t.save_every and step % t.save_every == 0) or step == t.steps
-                if saved:
-                    path = self.save(step, last)
-                stopped = stop.agreed()  # the same on every rank
-                if stopped:
-                    if t.save_on_signal and not saved:
+        with StopOnSignal(self.echo) as stop:  # SIGTERM / Ctrl-C: finish the step, checkpoint, stop
+            try:
+                if not self.resume_path:
+                    first = self.evaluate()
+                    if first:
+                        logger.log(0, first)
+                        summary["eval_start"] = first
+                        self.echo(f"held-out before RL: {_eval_line(first)}")
+                for step in range(self.start_step + 1, t.steps + 1):
+                    last = self.step(step)
+                    if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
+                        last.update(self.evaluate())
+                    row = logger.log(step, last)
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix_str(progress_postfix(row))
+                    else:
+                        self.echo(f"step {step}/{t.steps} {progress_postfix(row)}")
+                    saved = (t.save_every and step % t.save_every == 0) or step == t.steps
+                    if saved:
                         path = self.save(step, last)
-                    self.echo(f"stopped after step {step}" + (f"; checkpoint {path}" if path else ""))
-                    break
-        finally:
-            stop.__exit__()
-            if bar is not None:
-                bar.close()
-            logger.close()
+                    stopped = stop.agreed()  # the same on every rank
+                    if stopped:
+                        if t.save_on_signal and not saved:
+                            path = self.save(step, last)
+                        self.echo(f"stopped after step {step}" + (f"; checkpoint {path}" if path else ""))
+                        break
+            finally:
+                if bar is not None:
+                    bar.close()
+                logger.close()
         summary.update(final=last, checkpoint=path or self.resume_path, wall_s=time.perf_counter() - t_start)
         if stopped:
             summary["stopped_by_signal"] = stopped
