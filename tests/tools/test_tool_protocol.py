@@ -106,10 +106,25 @@ def test_executor_runs_concurrently_in_order_with_cache():
         assert ex.format(again) == " <result>\nq1\n</result>"
 
 
+class BlockedTool(EchoTool):
+    """Answers only once `release` is set: past any deadline, however slow the machine."""
+
+    def __init__(self):
+        super().__init__()
+        self.release = threading.Event()
+
+    def run(self, text):
+        self.release.wait(120)
+        return super().run(text)
+
+
 def test_executor_never_raises():
-    with ToolExecutor([BrokenTool(), EchoTool(delay_s=1.0)], timeout_s=0.2, cache_size=0) as ex:
+    blocked = BlockedTool()
+    # the deadline is generous for the broken call, which fails at once, and the blocked call never meets it
+    with ToolExecutor([BrokenTool(), blocked], timeout_s=2.0, cache_size=0) as ex:
         broken, slow, unknown, missing = ex.run_many(
             [ToolCall("broken", "x", 0, 0), ToolCall("echo", "y", 0, 0), ToolCall("nope", "z", 0, 0), None])
+        blocked.release.set()
     assert not broken.ok and "boom" in broken.text
     assert not slow.ok and "deadline" in slow.text
     assert not unknown.ok and "unknown tool" in unknown.text
