@@ -117,11 +117,33 @@ def policy_dtype(path: str, model_section) -> torch.dtype:
 
 def load_policy(path: str, model_section, dtype: torch.dtype | None = None) -> tuple[Qwen2Model, object]:
     """(model, tokenizer) from a checkpoint directory, on the configured device and dtype (or `dtype`)."""
-    device = resolve_device(model_section.device)
-    dtype = dtype or policy_dtype(path, model_section)
-    model = Qwen2Model.from_pretrained(path, dtype=dtype, device=device)
+    model, tokenizer = _checked_load(path, lambda: (
+        Qwen2Model.from_pretrained(path, dtype=dtype or policy_dtype(path, model_section),
+                                   device=resolve_device(model_section.device)), load_tokenizer(path)))
     model.gradient_checkpointing = bool(model_section.gradient_checkpointing)
-    return model, load_tokenizer(path)
+    return model, tokenizer
+
+
+def _checked_load(path: str, load):
+    """`load()` of the model directory `path`, its failures (a truncated or missing file, a bad config) as one
+    CheckpointError naming the directory and the file, rather than a library traceback. A checkpoint with a
+    manifest is checked first (files present, sizes; the checksums are `--resume`'s, which verified them
+    already), so the error names the bad file even when the library would not."""
+    from safetensors import SafetensorError
+
+    from arpo.trainer.checkpoint import CheckpointError, verify_checkpoint
+
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: no such model directory")
+    if os.path.isfile(os.path.join(path, "trainer_state.json")):
+        problem = verify_checkpoint(path, checksums=False)
+        if problem is not None:
+            raise CheckpointError(f"{path}: bad checkpoint: {problem}")
+    try:
+        return load()
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: cannot load the model: {type(exc).__name__}: {detail}") from exc
 
 
 def base_model_path(cfg) -> str:

@@ -5,7 +5,8 @@
     arpo train algo=dapo                         # DAPO (clip-higher, dynamic sampling; runs/embedded-dapo)
     arpo train my.yaml model.path=/models/qwen3b rollout.leaves=8
     arpo train --print-config                    # every field with its help text, as loadable YAML
-    arpo train --resume                          # continue from the newest checkpoint in train.run_dir
+    arpo train --resume                          # continue from the newest valid checkpoint in train.run_dir
+    arpo train --overwrite                       # start again in a used run dir (deletes the earlier run)
     arpo sft [config.yaml] [key=value ...]       # cold-start SFT only; writes RUN_DIR/sft_model
     arpo eval CHECKPOINT [config.yaml] [key=value ...] [--samples K --temperature T]
     arpo plot RUN_DIR [RUN_DIR ...]              # PNG curves (several runs overlaid)
@@ -13,12 +14,15 @@
     arpo bench token-stats [--device cuda] [--quick]
 
 Each subcommand lives in its own small function; heavy imports happen inside them so `arpo --help` is instant.
-A bad config or data file prints one line naming the problem and exits with status 2.
+A bad config, data file or checkpoint prints one line naming the problem and exits with status 2. A run
+directory holds one run: a fresh `arpo train` / `arpo sft` in a used one is refused (see arpo.trainer.run_dir).
+SIGTERM / Ctrl-C stop training after the current step (checkpointed) with status 143 / 130.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 EMBEDDED_RUN_DIR = "runs/embedded"
@@ -70,7 +74,9 @@ def _user_errors():
     from arpo.config import ConfigError
     from arpo.trainer.data import DataError
 
-    return (ConfigError, DataError, FileNotFoundError)
+    from arpo.trainer.checkpoint import CheckpointError
+
+    return (ConfigError, DataError, FileNotFoundError, CheckpointError)
 
 
 # ---------------------------------------------------------------------------------------------------- train
@@ -80,10 +86,45 @@ def _torchrun(args: argparse.Namespace) -> int:
 
     from arpo.trainer.distributed import torchrun_argv
 
+    from arpo.trainer.signals import SIGNALS, exit_status
+
     rest = ["train", *args.args]
     if args.resume is not None:
         rest += ["--resume", args.resume]
-    return subprocess.call(torchrun_argv(args.nproc, rest))
+    if args.overwrite:
+        rest.append("--overwrite")
+    # torchrun in its own session (and its ranks in theirs): a signal reaches the ranks once, through torchrun,
+    # which passes it on to every rank and gives them 30 s to checkpoint and exit, whether it came from a scheduler
+    # (SIGTERM to this process) or a terminal (Ctrl-C). A second Ctrl-C goes straight to the ranks: they stop at once.
+    proc = subprocess.Popen(torchrun_argv(args.nproc, rest), start_new_session=True)
+    got: list[int] = []
+
+    def forward(signum, frame):
+        got.append(signum)
+        if len(got) > 1 and signum != signal.SIGINT:
+            return  # a repeated SIGTERM: the ranks are stopping already
+        for pid in ([proc.pid] if len(got) == 1 else _children(proc.pid) or [proc.pid]):
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    previous = {sig: signal.signal(sig, forward) for sig in SIGNALS}
+    try:
+        rc = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return exit_status(got[0]) if got else rc
+
+
+def _children(pid: int) -> list[int]:
+    """The child processes of `pid` (Linux /proc; [] elsewhere or once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -114,22 +155,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
             return 0
         if resume is not None:
             cfg.train.resume = resume
-        from arpo.trainer.checkpoint import latest_checkpoint
         from arpo.trainer.trainer import Trainer
 
-        if cfg.train.resume is None and latest_checkpoint(cfg.train.run_dir) and _rank0():
-            print(f"note: {cfg.train.run_dir} holds checkpoints of an earlier run; starting fresh "
-                  "(use --resume to continue it)", file=sys.stderr)
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, overwrite=args.overwrite)
     except _user_errors() as exc:
         return _fail(exc)
+    from arpo.trainer.signals import exit_status
+
     try:
         summary = trainer.train()
+    except KeyboardInterrupt as exc:  # a second signal: stop now (no checkpoint of the step in flight)
+        print(f"arpo: {exc or 'interrupted'}", file=sys.stderr)
+        return exit_status(getattr(exc, "signum", signal.SIGINT))
     finally:
         trainer.close()
     if _rank0():
         _print_outputs(cfg.train.run_dir, summary)
-    return 0
+    return exit_status(summary.get("stopped_by_signal"))
 
 
 def _rank0() -> bool:
@@ -165,13 +207,15 @@ def _cmd_sft(args: argparse.Namespace) -> int:
         from arpo.build import base_model_path, load_policy, set_threads
         from arpo.trainer.metrics import MetricsLogger
         from arpo.trainer.sft import run_sft
+        from arpo.trainer.run_dir import check_sft_run_dir
         from arpo.trainer.trainer import SFT_MODEL_DIR, seed_everything
 
         check_paths(cfg)
+        out = args.out or os.path.join(cfg.train.run_dir, SFT_MODEL_DIR)
+        check_sft_run_dir(cfg.train.run_dir, out, overwrite=args.overwrite)
         set_threads(cfg.train.threads)
         seed_everything(cfg.train.seed)
         model, tok = load_policy(base_model_path(cfg), cfg.model)
-        out = args.out or os.path.join(cfg.train.run_dir, SFT_MODEL_DIR)
         with MetricsLogger(os.path.join(cfg.train.run_dir, "sft")) as logger:
             last = run_sft(model, tok, cfg, logger, progress=cfg.log.progress_bar)
     except _user_errors() as exc:
@@ -334,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--print-config", action="store_true", help="print the full config (YAML with help) and exit")
     train.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                        help="continue the run: from the newest checkpoint in train.run_dir, or from CHECKPOINT")
+    train.add_argument("--overwrite", action="store_true",
+                       help="start fresh even if train.run_dir holds an earlier run: its files are deleted first "
+                            "(without it, a used run dir is an error)")
     train.add_argument("--nproc", type=int, default=None, metavar="N",
                        help="data-parallel over N local processes (GPUs): re-runs itself under torchrun with FSDP2 "
                             "(same as `torchrun --standalone --nproc_per_node=N -m arpo train ...`)")
@@ -342,6 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     sft = sub.add_parser("sft", help="cold-start SFT on tool-use traces (loss on the model's own tokens only)")
     _config_args(sft)
     sft.add_argument("--out", default=None, help="output directory (default: RUN_DIR/sft_model)")
+    sft.add_argument("--overwrite", action="store_true",
+                     help="replace an earlier SFT run's metrics (RUN_DIR/sft) and model (--out) instead of refusing")
     sft.set_defaults(func=_cmd_sft)
 
     ev = sub.add_parser("eval", help="held-out accuracy, tool calls per question and pass@k of a checkpoint")

@@ -70,7 +70,7 @@ def test_plot_needs_a_run_dir(tmp_path, capsys):
 
 def test_module_entry_point_runs():
     out = subprocess.run([sys.executable, "-m", "arpo", "train", "--print-config", "train.steps=3"],
-                         capture_output=True, text=True, timeout=60, cwd=os.path.dirname(os.path.dirname(__file__)))
+                         capture_output=True, text=True, timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert out.returncode == 0 and "steps: 3" in out.stdout
 
 

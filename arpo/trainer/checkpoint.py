@@ -5,7 +5,10 @@ A checkpoint is a directory `run_dir/step_000123/` holding
     the tokenizer (`save_tokenizer(dir)`), so the directory loads directly with `from_pretrained`;
   * `optimizer.pt`: optimizer and lr-scheduler state dicts;
   * `rng_state.pt`: Python, NumPy, torch CPU and CUDA generator states;
-  * `trainer_state.json`: step, metrics so far, config — written last.
+  * `trainer_state.json`: step, metrics so far, config;
+  * `manifest.json`: every other file's size and SHA-256 — written last, so a checkpoint whose files were later
+    truncated or deleted (disk full, a killed copy) is recognised: `verify_checkpoint` names the bad file, and
+    `latest_checkpoint` / `resolve_resume` skip such a checkpoint (with a warning) for the newest valid one.
 Everything is written into a hidden temporary directory in the same parent, fsynced, then renamed into place,
 so a `step_*` directory either is complete or does not exist. Old checkpoints beyond `keep_last` are renamed
 away before they are deleted, for the same reason. Leftover temporary directories (a killed save) are swept on
@@ -13,11 +16,13 @@ the next save.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
+import sys
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -28,7 +33,12 @@ import torch
 STEP_DIR = re.compile(r"^step_(\d+)$")
 TMP_PREFIX = ".tmp-"
 STATE_FILE, OPTIM_FILE, RNG_FILE = "trainer_state.json", "optimizer.pt", "rng_state.pt"
-FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+FORMAT_VERSION = 2  # 2: with manifest.json (checkpoints of version 1 have none and are taken as they are)
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used: the message names the checkpoint and the bad file."""
 
 
 def step_dir_name(step: int) -> str:
@@ -128,6 +138,7 @@ def save_checkpoint(run_dir: str, step: int, *, save_model: Callable[[str], None
         payload = {"format_version": FORMAT_VERSION, **(state or {}), "step": step}
         with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as f:
             json.dump(payload, f, indent=1, allow_nan=False, default=_json_default)
+        write_manifest(tmp)
         _fsync_tree(tmp)
         if os.path.exists(final):
             _remove_dir(run_dir, final)
@@ -148,6 +159,65 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"trainer state: {type(obj).__name__} is not JSON-serialisable")
 
 
+# ---------------------------------------------------------------------------------------------------- manifest
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_manifest(path: str) -> dict:
+    """Record size and SHA-256 of every file under checkpoint dir `path` in its manifest.json (written last)."""
+    files = {}
+    for dirpath, _, names in os.walk(path):
+        for name in sorted(names):
+            full = os.path.join(dirpath, name)
+            rel = os.path.relpath(full, path).replace(os.sep, "/")
+            if rel != MANIFEST_FILE:
+                files[rel] = {"size": os.path.getsize(full), "sha256": _sha256(full)}
+    manifest = {"format_version": FORMAT_VERSION, "files": dict(sorted(files.items()))}
+    with open(os.path.join(path, MANIFEST_FILE), "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1)
+    return manifest
+
+
+def verify_checkpoint(path: str, checksums: bool = True) -> str | None:
+    """None if checkpoint dir `path` is intact, else what is wrong, naming the file. Checks the manifest's sizes
+    first (cheap: a truncated or missing file), then (`checksums`) the SHA-256s. A version-1 checkpoint has no
+    manifest and is only checked for its trainer_state.json."""
+    state_path = os.path.join(path, STATE_FILE)
+    if not os.path.isfile(state_path):
+        return f"{state_path} is missing"
+    try:
+        with open(state_path, encoding="utf-8") as f:
+            version = int(json.load(f).get("format_version", 1))
+    except (OSError, ValueError) as exc:
+        return f"{state_path} is unreadable ({exc})"
+    manifest_path = os.path.join(path, MANIFEST_FILE)
+    if not os.path.isfile(manifest_path):
+        return f"{manifest_path} is missing" if version >= 2 else None
+    try:
+        with open(manifest_path, encoding="utf-8") as f:
+            files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"{manifest_path} is unreadable ({exc})"
+    for rel, meta in files.items():
+        full = os.path.join(path, rel)
+        if not os.path.isfile(full):
+            return f"{full} is missing"
+        size = os.path.getsize(full)
+        if size != meta["size"]:
+            return f"{full} has {size} bytes, the manifest says {meta['size']} (truncated or replaced)"
+    for rel, meta in files.items() if checksums else ():
+        full = os.path.join(path, rel)
+        if _sha256(full) != meta["sha256"]:
+            return f"{full} does not match its checksum in {MANIFEST_FILE} (corrupted)"
+    return None
+
+
+def _warn(message: str) -> None:
+    print(f"arpo: warning: {message}", file=sys.stderr)
+
+
 # ---------------------------------------------------------------------------------------------------- load
 def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
     """Complete checkpoints of a run as (step, path), oldest first."""
@@ -162,10 +232,16 @@ def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def latest_checkpoint(run_dir: str) -> str | None:
-    """Path of the newest checkpoint in `run_dir`, or None."""
-    found = list_checkpoints(run_dir)
-    return found[-1][1] if found else None
+def latest_checkpoint(run_dir: str, warn: Callable[[str], None] | None = _warn) -> str | None:
+    """Path of the newest checkpoint in `run_dir` that passes `verify_checkpoint`, or None; each newer one that
+    fails is skipped with `warn(message naming the bad file)`."""
+    for _, path in reversed(list_checkpoints(run_dir)):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path
+        if warn is not None:
+            warn(f"skipping checkpoint {path}: {problem}")
+    return None
 
 
 @dataclass
@@ -202,12 +278,17 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> Checkpoint:
     return ckpt
 
 
-def resolve_resume(run_dir: str, resume: str | None) -> str | None:
-    """`train.resume` → a checkpoint path: None → None; 'latest' → newest in run_dir (None if there is none)."""
+def resolve_resume(run_dir: str, resume: str | None, warn: Callable[[str], None] | None = _warn) -> str | None:
+    """`train.resume` → a checkpoint path: None → None; 'latest' → the newest valid one in run_dir (None if there
+    is none; bad ones are skipped with a warning); a path → itself if valid, else a CheckpointError naming the bad
+    file."""
     if resume is None:
         return None
     if resume == "latest":
-        return latest_checkpoint(run_dir)
+        return latest_checkpoint(run_dir, warn)
     if not os.path.isfile(os.path.join(resume, STATE_FILE)):
         raise FileNotFoundError(f"train.resume={resume!r}: not a checkpoint directory ({STATE_FILE} missing)")
+    problem = verify_checkpoint(resume)
+    if problem is not None:
+        raise CheckpointError(f"train.resume={resume!r}: bad checkpoint: {problem}")
     return resume

@@ -49,6 +49,8 @@ class TrainConfig:
     save_every: int = opt(50, "write a checkpoint every N steps and at the end (0 = only at the end)", ge=0)
     keep_last: int = opt(3, "checkpoints kept in run_dir (older step_* dirs are deleted; 0 = keep all)", ge=0)
     run_dir: str = opt("runs/arpo", "where checkpoints, metrics.jsonl, plots and config.yaml go")
+    save_on_signal: bool = opt(True, "on SIGTERM / Ctrl-C: finish the step, write its checkpoint, then stop "
+                               "(exit status 128 + signal)")
     resume: Optional[str] = opt(None, "null = start fresh; 'latest' = newest checkpoint in run_dir; or a "
                                 "checkpoint directory")
 

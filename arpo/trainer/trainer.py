@@ -29,6 +29,10 @@ Data-parallel: under torchrun (`arpo train --nproc N`) every rank runs this loop
 prompts, with the policy sharded by FSDP2 and the rollout decoding on the gathered weights; the update, metrics
 and checkpoints follow `arpo.trainer.distributed` / `dist_checkpoint`, and N ranks reproduce one process's run.
 
+Run directory: one run per directory (`arpo.trainer.run_dir`): a fresh run refuses a directory holding an
+earlier run unless `overwrite=True` (`--overwrite`), which first removes it; `--resume` skips checkpoints that
+fail their manifest. SIGTERM / Ctrl-C finish the step, checkpoint it and stop (`arpo.trainer.signals`).
+
 Cold start: with `sft.steps > 0` and no checkpoint to resume, the start model is first fine-tuned on the
 demonstrations (`arpo.trainer.sft`) and saved to RUN_DIR/sft_model, which later runs in that directory reuse.
 """
@@ -50,6 +54,8 @@ from arpo.build import (base_model_path, build_engine, build_reward, build_rollo
                         policy_dtype, set_threads, step_seed)
 from arpo.trainer.data import PromptSampler, eval_rows, prompt_inputs, train_rows
 from arpo.trainer import dist_checkpoint as dcp_lib
+from arpo.trainer.run_dir import check_train_run_dir, on_rank0
+from arpo.trainer.signals import StopOnSignal
 from arpo.trainer.evaluate import evaluate, is_correct
 from arpo.trainer.metrics import MetricsLogger, progress_bar, progress_postfix
 from arpo.trainer.optimizer import MasterWeightAdamW, build_optimizer
@@ -110,7 +116,9 @@ def rollout_metrics(trees: list, stats: dict) -> dict:
 
 
 class Trainer:
-    def __init__(self, cfg, *, progress: bool | None = None, echo=print):
+    def __init__(self, cfg, *, progress: bool | None = None, echo=print, overwrite: bool = False):
+        """`overwrite`: start fresh in a run directory that holds an earlier run, deleting that run first
+        (otherwise that is a RunDirInUse error naming --resume, train.run_dir= and --overwrite)."""
         check_paths(cfg)
         self.cfg = cfg
         self.run_dir = cfg.train.run_dir
@@ -123,8 +131,8 @@ class Trainer:
         self.local_prompts, _ = D.local_batch_sizes(cfg.train.batch_prompts, cfg.train.mini_batch_prompts)
         set_threads(cfg.train.threads)
         seed_everything(cfg.train.seed)
+        self.resume_path = on_rank0(lambda: self._claim_run_dir(overwrite))  # before any rank writes
         os.makedirs(self.run_dir, exist_ok=True)
-        self.resume_path = ckpt_lib.resolve_resume(self.run_dir, cfg.train.resume)
         self.start_step = 0
         self.sft_summary: dict | None = None
         ck = None
@@ -165,6 +173,15 @@ class Trainer:
         if ck is not None:
             ck.restore_rng()
         self.model.eval()
+
+    def _claim_run_dir(self, overwrite: bool) -> str | None:
+        """The checkpoint to resume (newest valid one; bad ones skipped with a warning), and the run-dir rule."""
+        path = ckpt_lib.resolve_resume(self.run_dir, self.cfg.train.resume)
+        removed = check_train_run_dir(self.run_dir, resume=self.cfg.train.resume, resuming=path is not None,
+                                      overwrite=overwrite)
+        if removed:
+            self.echo(f"--overwrite: removed the earlier run in {self.run_dir} ({', '.join(removed)})")
+        return path
 
     # --- the policy --------------------------------------------------------------------------------------------
     def _load(self, path: str, masters: list | None = None):
@@ -315,30 +332,41 @@ class Trainer:
         bar = progress_bar(t.steps, "arpo", self.progress, initial=self.start_step)
         last: dict = {}
         path = None
-        try:
-            if not self.resume_path:
-                first = self.evaluate()
-                if first:
-                    logger.log(0, first)
-                    summary["eval_start"] = first
-                    self.echo(f"held-out before RL: {_eval_line(first)}")
-            for step in range(self.start_step + 1, t.steps + 1):
-                last = self.step(step)
-                if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
-                    last.update(self.evaluate())
-                row = logger.log(step, last)
+        stopped = None
+        with StopOnSignal(self.echo) as stop:  # SIGTERM / Ctrl-C: finish the step, checkpoint, stop
+            try:
+                if not self.resume_path:
+                    first = self.evaluate()
+                    if first:
+                        logger.log(0, first)
+                        summary["eval_start"] = first
+                        self.echo(f"held-out before RL: {_eval_line(first)}")
+                for step in range(self.start_step + 1, t.steps + 1):
+                    last = self.step(step)
+                    if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
+                        last.update(self.evaluate())
+                    row = logger.log(step, last)
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix_str(progress_postfix(row))
+                    else:
+                        self.echo(f"step {step}/{t.steps} {progress_postfix(row)}")
+                    saved = (t.save_every and step % t.save_every == 0) or step == t.steps
+                    if saved:
+                        path = self.save(step, last)
+                    stopped = stop.agreed()  # the same on every rank
+                    if stopped:
+                        if t.save_on_signal and not saved:
+                            path = self.save(step, last)
+                        self.echo(f"stopped after step {step}" + (f"; checkpoint {path}" if path else ""))
+                        break
+            finally:
                 if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix_str(progress_postfix(row))
-                else:
-                    self.echo(f"step {step}/{t.steps} {progress_postfix(row)}")
-                if (t.save_every and step % t.save_every == 0) or step == t.steps:
-                    path = self.save(step, last)
-        finally:
-            if bar is not None:
-                bar.close()
-            logger.close()
+                    bar.close()
+                logger.close()
         summary.update(final=last, checkpoint=path or self.resume_path, wall_s=time.perf_counter() - t_start)
+        if stopped:
+            summary["stopped_by_signal"] = stopped
         if "eval/accuracy" in last:
             summary["eval_end"] = {k: v for k, v in last.items() if k.startswith("eval/")}
             self.echo(f"held-out after RL: {_eval_line(last)}")

@@ -14,17 +14,24 @@ class EchoTool(BaseTool):
 
 
 class JitteryEchoTool(EchoTool):
-    """EchoTool's answers after a random delay (thread timing noise), logging when each call ran."""
+    """EchoTool's answers after a random delay (thread timing noise), logging when each call ran. With `steps`
+    (the times engine steps finished, appended by the test), a call also waits, up to 5 s, for one engine step
+    to finish while it runs: whether the engine steps during calls is then an outcome, not a race between the
+    delay and a step's length on a loaded machine."""
     cacheable = False
 
-    def __init__(self):
+    def __init__(self, steps: list | None = None):
         import random
 
-        self.rng, self.spans = random.Random(), []
+        self.rng, self.spans, self.steps = random.Random(), [], steps
 
     def run(self, text: str) -> ToolResult:
         start = time.perf_counter()
+        seen = len(self.steps) if self.steps is not None else 0
         time.sleep(self.rng.uniform(0.0, 0.03))
+        deadline = time.monotonic() + 5.0
+        while self.steps is not None and len(self.steps) == seen and time.monotonic() < deadline:
+            time.sleep(0.001)
         self.spans.append((start, time.perf_counter()))
         return super().run(text)
 

@@ -201,7 +201,7 @@ def test_tool_result_tokens_are_masked(policy):
 def test_failing_or_hanging_tools_never_abort(policy, tool, kw):
     t0 = time.perf_counter()
     trees, ro, _ = _run(policy, tool=tool, max_tool_calls=2, **kw)
-    assert time.perf_counter() - t0 < 20
+    assert time.perf_counter() - t0 < 120  # a generous bound (a loaded machine): it returns, it does not hang
     assert all(len(t.leaves) == 8 for t in trees)
     oks = [ok for t in trees for l in t.leaves for ok in l.metadata["tool_ok"]]
     assert oks and not any(oks)
@@ -261,8 +261,8 @@ def test_same_seed_same_trees(policy):
 def test_sync_tools_overlap_the_next_step_and_stay_deterministic(policy):
     """Under sync_tools a call made after step s runs while step s+1 decodes the others and lands right after it:
     tools of random latency give identical trees, and the engine stepped while calls were running."""
-    jittery = JitteryEchoTool()
     steps: list[float] = []
+    jittery = JitteryEchoTool(steps)
     runs = []
     for _ in range(2):
         trees, ro, engine = _run(policy, tool=jittery, sync_tools=True, seed=5, _steps=steps)

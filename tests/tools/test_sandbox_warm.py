@@ -30,7 +30,7 @@ def private_tmp(monkeypatch):
     os.rmdir(path)
 
 
-def _wait_idle(sandbox, n, timeout=10.0):
+def _wait_idle(sandbox, n, timeout=120.0):  # generous: children start slowly on a loaded machine
     deadline = time.monotonic() + timeout
     while len(sandbox.warm_stats["idle_pids"]) < n:
         assert time.monotonic() < deadline, f"pool did not reach {n} idle children: {sandbox.warm_stats}"
@@ -71,16 +71,20 @@ SNIPPETS = {
 
 
 def test_results_match_per_call_start():
-    kw = dict(timeout_s=1.0, memory_mb=256, uid_base=UID_BASE)
+    kw = dict(timeout_s=3.0, memory_mb=256, uid_base=UID_BASE)  # the other snippets finish well within it
     with PythonSandbox(prestart=0, **kw) as cold, PythonSandbox(prestart=2, **kw) as warm:
         _wait_idle(warm, 2)
         for name, code in SNIPPETS.items():
             a, b = cold.run(code), warm.run(code)
-            assert (a.text, a.ok, a.error) == (b.text, b.ok, b.error), name
             assert a.meta["isolation"] == b.meta["isolation"], name
-            if name == "timeout":  # the wall-clock kill (-9) or the CPU rlimit (128 + SIGXCPU) wins, machine-dependent
+            if name == "timeout":
+                # the outcome, not which limit won: the wall-clock kill or the CPU rlimit fires first depending on
+                # the machine's load, and each has its own message and return code
+                assert not a.ok and not b.ok and a.error and b.error, name
                 assert a.meta["returncode"] != 0 and b.meta["returncode"] != 0, name
+                assert all("time limit" in f"{r.text} {r.error}" for r in (a, b)), (name, a.text, b.text)
             else:
+                assert (a.text, a.ok, a.error) == (b.text, b.ok, b.error), name
                 assert a.meta["returncode"] == b.meta["returncode"], name
             assert a.meta["warm"] is False and b.meta["warm"] is True, name
             _wait_idle(warm, 2)
@@ -168,11 +172,11 @@ HOST = textwrap.dedent("""
 def test_idle_children_die_with_the_host(fork):
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     proc = subprocess.run([sys.executable, "-c", HOST.format(uid_base=UID_BASE, fork=fork)], cwd=root,
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     info = json.loads(proc.stdout)
     try:
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 60  # generous: the kernel reaps them asynchronously
         while any(_is_bootstrap(pid) or os.path.exists(wd) for pid, wd in info["children"]):
             assert time.monotonic() < deadline, f"idle children outlived their host: {info}"
             time.sleep(0.02)

@@ -77,13 +77,28 @@ def test_registry_builtins_and_dotted_path(tmp_path):
         load_tools([f"{__name__}:EchoTool", f"{__name__}.EchoTool"])
 
 
+class MeetingTool(EchoTool):
+    """The first two calls wait for each other: calls run one after the other never meet, and the barrier
+    breaks (after a timeout that only matters when the executor is sequential, not when it is slow)."""
+
+    def __init__(self):
+        super().__init__()
+        self.barrier, self.arrived = threading.Barrier(2, timeout=60), 0
+
+    def run(self, text):
+        with self._lock:
+            first_two, self.arrived = self.arrived < 2, self.arrived + 1
+        if first_two:
+            self.barrier.wait()
+        return super().run(text)
+
+
 def test_executor_runs_concurrently_in_order_with_cache():
-    echo = EchoTool(delay_s=0.2)
+    echo = MeetingTool()
     with ToolExecutor([echo], max_workers=8) as ex:
         calls = [ToolCall("echo", f"q{i % 4}", 0, 0) for i in range(8)]
-        start = time.perf_counter()
-        results = ex.run_many(calls)
-        assert time.perf_counter() - start < 0.2 * 8 / 2  # concurrent, not sequential
+        results = ex.run_many(calls)  # concurrent, not sequential: else the barrier breaks
+        assert all(r.ok for r in results), [r.text for r in results]
         assert [r.text for r in results] == [f"q{i % 4}" for i in range(8)]
         again = ex.run(ToolCall("echo", "q1", 0, 0))
         assert again.meta.get("cached") and again.text == "q1" and ex.cache.hits >= 1
@@ -91,10 +106,25 @@ def test_executor_runs_concurrently_in_order_with_cache():
         assert ex.format(again) == " <result>\nq1\n</result>"
 
 
+class BlockedTool(EchoTool):
+    """Answers only once `release` is set: past any deadline, however slow the machine."""
+
+    def __init__(self):
+        super().__init__()
+        self.release = threading.Event()
+
+    def run(self, text):
+        self.release.wait(120)
+        return super().run(text)
+
+
 def test_executor_never_raises():
-    with ToolExecutor([BrokenTool(), EchoTool(delay_s=1.0)], timeout_s=0.2, cache_size=0) as ex:
+    blocked = BlockedTool()
+    # the deadline is generous for the broken call, which fails at once, and the blocked call never meets it
+    with ToolExecutor([BrokenTool(), blocked], timeout_s=2.0, cache_size=0) as ex:
         broken, slow, unknown, missing = ex.run_many(
             [ToolCall("broken", "x", 0, 0), ToolCall("echo", "y", 0, 0), ToolCall("nope", "z", 0, 0), None])
+        blocked.release.set()
     assert not broken.ok and "boom" in broken.text
     assert not slow.ok and "deadline" in slow.text
     assert not unknown.ok and "unknown tool" in unknown.text

@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from arpo.trainer.checkpoint import (capture_rng, latest_checkpoint, list_checkpoints, load_checkpoint,
-                                     resolve_resume, restore_rng, save_checkpoint)
+from arpo.trainer.checkpoint import (CheckpointError, capture_rng, latest_checkpoint, list_checkpoints,
+                                     load_checkpoint, resolve_resume, restore_rng, save_checkpoint)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -174,3 +174,35 @@ def test_missing_and_resume(tmp_path):
     assert resolve_resume(run, "latest") == path == resolve_resume(run, path)
     with pytest.raises(ValueError):
         save_checkpoint(run, -1)
+
+
+def test_manifest_names_the_bad_file(tmp_path):
+    from arpo.trainer.checkpoint import MANIFEST_FILE, STATE_FILE, verify_checkpoint
+
+    run = str(tmp_path)
+    model = torch.nn.Linear(4, 4)
+    good = save_checkpoint(run, 1, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    bad = save_checkpoint(run, 2, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    assert verify_checkpoint(good) is None
+    with open(os.path.join(good, MANIFEST_FILE)) as f:
+        assert set(json.load(f)["files"]) == {STATE_FILE, "optimizer.pt", "rng_state.pt"}
+    optim = os.path.join(bad, "optimizer.pt")
+    with open(optim, "r+b") as f:  # same size, one byte flipped: only the checksum sees it
+        f.seek(10)
+        byte = f.read(1)
+        f.seek(10)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    assert "optimizer.pt" in verify_checkpoint(bad) and "checksum" in verify_checkpoint(bad)
+    assert verify_checkpoint(bad, checksums=False) is None
+    warned = []
+    assert latest_checkpoint(run, warn=warned.append) == good and "optimizer.pt" in warned[0]
+    with pytest.raises(CheckpointError, match="optimizer.pt"):
+        resolve_resume(run, bad)
+    os.remove(os.path.join(bad, MANIFEST_FILE))  # a version-2 checkpoint without its manifest is incomplete
+    assert MANIFEST_FILE in verify_checkpoint(bad)
+    state_path = os.path.join(bad, STATE_FILE)  # a version-1 checkpoint (before manifests) is taken as it is
+    with open(state_path) as f:
+        state = json.load(f)
+    with open(state_path, "w") as f:
+        json.dump({**state, "format_version": 1}, f)
+    assert verify_checkpoint(bad) is None

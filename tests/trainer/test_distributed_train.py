@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from arpo.trainer import distributed as D
-from trainer_helpers import REWARD_MODULE, make_policy_dir, tiny_config
+from trainer_helpers import as_cli_args, make_policy_dir, reward_root, tiny_config
 
 pytestmark = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available() and D.HAS_FSDP2),
@@ -32,36 +32,23 @@ CLOSE_METRICS = ("loss", "grad_norm", "update/clip_frac", "update/approx_kl", "u
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("dist_train"))
-    make_policy_dir(path)
-    with open(os.path.join(path, "trainer_test_reward.py"), "w", encoding="utf-8") as f:
-        f.write(REWARD_MODULE)
-    sys.path.insert(0, path)  # the reward and tool module, for the in-process runs
-    yield path
-    sys.path.remove(path)
-    sys.modules.pop("trainer_test_reward", None)
+    with reward_root(str(tmp_path_factory.mktemp("dist_train"))) as path:
+        yield path
 
 
 def config(root: str, run_dir: str, *extra: str):
     return tiny_config(root, run_dir, "trainer_test_reward:digit_reward", *OVERRIDES, *extra)
 
 
-def cli_args(root: str, run_dir: str) -> list[str]:
+def cli_args(root: str, run_dir: str, *extra: str) -> list[str]:
     """The same config as `config`, as `arpo train` arguments."""
-    from arpo.config import config_to_dict
-
-    cfg = config_to_dict(config(root, run_dir))
-    args = []
-    for section, fields in cfg.items():
-        if isinstance(fields, dict):
-            args += [f"{section}.{k}={json.dumps(v)}" for k, v in fields.items() if v is not None]
-    return args
+    return as_cli_args(config(root, run_dir, *extra))
 
 
-def run_in_process(root: str, run_dir: str, resume: str | None = None) -> None:
+def run_in_process(root: str, run_dir: str, resume: str | None = None, extra: tuple = ()) -> None:
     from arpo.trainer.trainer import Trainer
 
-    cfg = config(root, run_dir)
+    cfg = config(root, run_dir, *extra)
     cfg.train.resume = resume
     trainer = Trainer(cfg, progress=False, echo=lambda *a: None)
     try:
@@ -70,14 +57,17 @@ def run_in_process(root: str, run_dir: str, resume: str | None = None) -> None:
         trainer.close()
 
 
-def run_two_ranks(root: str, run_dir: str, resume: str | None = None) -> None:
-    cmd = [sys.executable, "-m", "arpo", "train", *cli_args(root, run_dir), "--nproc", "2"]
+def run_two_ranks(root: str, run_dir: str, resume: str | None = None, extra: tuple = (),
+                  expect_failure: bool = False) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "arpo", "train", *cli_args(root, run_dir, *extra), "--nproc", "2"]
     if resume:
         cmd += ["--resume", resume]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1")
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, f"2-rank run failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert (done.returncode != 0) == expect_failure, \
+        f"2-rank run: exit {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    return done
 
 
 def weights(run_dir: str, step: int) -> dict[str, torch.Tensor]:
@@ -150,6 +140,60 @@ def test_resume_on_a_different_number_of_ranks(root, runs):
     for run in (two_to_one, one_to_two):
         assert [r["step"] for r in metrics(run)] == [2]
         assert metrics(run)[0]["reward"] == pytest.approx(metrics(one)[2]["reward"])
+
+
+SIGNAL_MODULE = '''
+import json, os, signal
+from trainer_test_reward import EchoTool, digit_reward as _digits
+
+
+def _last_logged_step(run_dir):
+    try:
+        with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    except OSError:
+        return None
+    return rows[-1]["step"] if rows else None
+
+
+def digit_reward(completion, ground_truth, **row):
+    """digit_reward; on rank 0 of the run in $ARPO_TEST_SIGNAL_DIR, once, in step 3: SIGTERM to itself only."""
+    run_dir = os.environ.get("ARPO_TEST_SIGNAL_DIR")
+    if run_dir and os.environ.get("RANK") == "0" and _last_logged_step(run_dir) == 2:
+        try:
+            os.close(os.open(os.path.join(run_dir, "signalled"), os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            pass
+        else:
+            os.kill(os.getpid(), signal.SIGTERM)
+    return _digits(completion, ground_truth, **row)
+'''
+
+
+def test_sigterm_to_one_rank_stops_both_after_the_step_and_resumes(root, monkeypatch):
+    """SIGTERM reaches rank 0 alone in the middle of step 3: both ranks finish it, write the step-3 checkpoint
+    together (the DCP save is collective) and stop; resuming on two ranks reaches the uninterrupted run."""
+    from arpo.trainer.checkpoint import list_checkpoints, verify_checkpoint
+
+    with open(os.path.join(root, "trainer_signal_reward.py"), "w", encoding="utf-8") as f:
+        f.write(SIGNAL_MODULE)
+    extra = ("train.steps=4", "train.save_every=0", "reward.name=trainer_signal_reward:digit_reward")
+    cut, whole = os.path.join(root, "sigterm"), os.path.join(root, "whole")
+    run_in_process(root, whole, extra=extra)  # no $ARPO_TEST_SIGNAL_DIR here: never signalled
+    monkeypatch.setenv("ARPO_TEST_SIGNAL_DIR", cut)
+    done = run_two_ranks(root, cut, extra=extra, expect_failure=True)  # torchrun reports the ranks' 143
+    assert os.path.exists(os.path.join(cut, "signalled")) and "exitcode  : 143" in done.stderr, done.stderr[-3000:]
+    assert [s for s, _ in list_checkpoints(cut)] == [3]
+    assert verify_checkpoint(os.path.join(cut, "step_000003")) is None
+    assert [r["step"] for r in metrics(cut)] == [0, 1, 2, 3]
+    run_two_ranks(root, cut, resume="latest", extra=extra)
+    rows_one, rows_two = metrics(whole), metrics(cut)
+    assert [r["step"] for r in rows_two] == [r["step"] for r in rows_one] == [0, 1, 2, 3, 4]
+    for a, b in zip(rows_one[1:], rows_two[1:]):
+        for k in EXACT_METRICS:
+            assert b[k] == pytest.approx(a[k], rel=1e-9, abs=1e-12), (a["step"], k)
+        for k in CLOSE_METRICS:
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (a["step"], k)
 
 
 def test_nproc_checks_the_batch_split_before_launching(root, capsys):

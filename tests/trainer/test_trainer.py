@@ -12,6 +12,7 @@ import torch
 
 from arpo.trainer.checkpoint import list_checkpoints
 from arpo.trainer.metrics import read_metrics
+from arpo.trainer.run_dir import RunDirInUse
 from arpo.trainer.trainer import Trainer
 
 from trainer_helpers import install_reward, tiny_config
@@ -143,9 +144,11 @@ def test_embedded_default_creates_model_and_cold_starts_once(tmp_path):
     assert trainer.start_model_path == os.path.join(run, "sft_model") and trainer.sft_summary is not None
     assert os.path.isfile(os.path.join(run, "base_model", "config.json"))
     assert trainer.model.config.hidden_size == 32 and trainer.model.config.tie_word_embeddings
-    summary = trainer.train()
     trainer.close()
-    assert summary["sft"]["loss"] > 0 and len(read_metrics(os.path.join(run, "sft"))) == 2
-    trainer = Trainer(load_config(None, over), echo=said.append)  # a second run in the same directory
-    trainer.close()
+    assert trainer.sft_summary["loss"] > 0 and len(read_metrics(os.path.join(run, "sft"))) == 2
+    trainer = Trainer(load_config(None, over), echo=said.append)  # the run in the directory of the cold start
     assert trainer.sft_summary is None and any("reusing" in s for s in said)
+    trainer.train()
+    trainer.close()
+    with pytest.raises(RunDirInUse, match="--resume.*train.run_dir=.*--overwrite"):  # a third: that dir is used
+        Trainer(load_config(None, over))

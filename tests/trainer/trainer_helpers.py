@@ -2,6 +2,7 @@
 reward with spread (so advantages are non-zero), and a config small enough to run a step in about a second."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -48,6 +49,21 @@ def make_policy_dir(root: str) -> str:
     return path
 
 
+@contextlib.contextmanager
+def reward_root(path: str):
+    """`path` with the test policy and the reward/tool module, importable while inside (module-scoped fixtures,
+    and torchrun ranks that get `path` on PYTHONPATH)."""
+    make_policy_dir(path)
+    with open(os.path.join(path, "trainer_test_reward.py"), "w", encoding="utf-8") as f:
+        f.write(REWARD_MODULE)
+    sys.path.insert(0, path)
+    try:
+        yield path
+    finally:
+        sys.path.remove(path)
+        sys.modules.pop("trainer_test_reward", None)
+
+
 def install_reward(root: str, monkeypatch) -> str:
     """Write the test module (reward + echo tool) importable by dotted path; returns the reward's path."""
     mod = os.path.join(root, "trainer_test_reward.py")
@@ -67,3 +83,16 @@ def tiny_config(root: str, run_dir: str, reward: str, *extra: str):
         "rollout.max_tool_calls=1", "data.embedded_train_size=16",
         "data.embedded_eval_size=2", "sft.steps=0", "optim.lr=1e-4", "log.progress_bar=false",
         "tools.enabled=trainer_test_reward:EchoTool", "rollout.max_response_tokens=48", *extra])
+
+
+def as_cli_args(cfg) -> list[str]:
+    """A config as the `section.key=value` arguments of `arpo train` that rebuild it."""
+    import json
+
+    from arpo.config import config_to_dict
+
+    args = []
+    for section, fields in config_to_dict(cfg).items():
+        if isinstance(fields, dict):
+            args += [f"{section}.{k}={json.dumps(v)}" for k, v in fields.items() if v is not None]
+    return args
