@@ -5,10 +5,10 @@ import os
 
 import pytest
 import torch
-from qwen2_tiny import hf_padded_logits, make_hf_model, pack
+from tiny_models import hf_padded_logits, make_hf_model, pack
 from safetensors.torch import load_file, save_file
 
-from arpo.model import AttentionContext, ModelConfig, Qwen2Model, UnsupportedConfigError
+from arpo.model import AttentionContext, ModelConfig, CausalLM, UnsupportedConfigError
 
 transformers = pytest.importorskip("transformers")
 
@@ -28,8 +28,8 @@ def test_hf_sharded_checkpoint_loads(tmp_path, name):
     hf.save_pretrained(tmp_path, max_shard_size="40KB")
     assert os.path.exists(tmp_path / "model.safetensors.index.json")
     assert len([f for f in os.listdir(tmp_path) if f.endswith(".safetensors")]) > 2
-    ours = Qwen2Model.from_pretrained(str(tmp_path))
-    theirs = transformers.Qwen2ForCausalLM.from_pretrained(str(tmp_path)).eval()
+    ours = CausalLM.from_pretrained(str(tmp_path))
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
     assert (_logits(ours, SEQS) - _logits_hf(theirs, SEQS)).abs().max().item() <= 1e-4
 
 
@@ -40,14 +40,14 @@ def _logits_hf(hf, seqs):
 @pytest.mark.parametrize("shard", [None, 30_000])
 def test_our_save_loads_in_transformers_and_back(hf_checkpoint, tmp_path, shard):
     hf, path = hf_checkpoint
-    ours = Qwen2Model.from_pretrained(path)
+    ours = CausalLM.from_pretrained(path)
     with torch.no_grad():  # make sure we save *our* weights, not a copy of the original files
         ours.norm.weight.mul_(1.5)
     out = tmp_path / "saved"
     ours.save_pretrained(str(out), max_shard_size=shard)
     assert os.path.exists(out / "model.safetensors.index.json") == (shard is not None)
-    reloaded_hf = transformers.Qwen2ForCausalLM.from_pretrained(str(out)).eval()
-    reloaded = Qwen2Model.from_pretrained(str(out))
+    reloaded_hf = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    reloaded = CausalLM.from_pretrained(str(out))
     expect = _logits(ours, SEQS)
     assert (expect - _logits(reloaded, SEQS)).abs().max().item() == 0
     assert (expect - _logits_hf(reloaded_hf, SEQS)).abs().max().item() <= 1e-4
@@ -57,7 +57,7 @@ def test_our_save_loads_in_transformers_and_back(hf_checkpoint, tmp_path, shard)
 
 def test_tied_head_is_the_embedding(tmp_path):
     make_hf_model("gqa2-tied").save_pretrained(tmp_path)
-    model = Qwen2Model.from_pretrained(str(tmp_path))
+    model = CausalLM.from_pretrained(str(tmp_path))
     assert model.lm_head is None and model.lm_head_weight is model.embed_tokens.weight
     names = {n for n, _ in model.named_parameters()}
     assert not any("lm_head" in n for n in names)
@@ -65,10 +65,10 @@ def test_tied_head_is_the_embedding(tmp_path):
 
 def test_dtype_and_parameters_are_plain(tmp_path):
     make_hf_model("gqa7-untied").save_pretrained(tmp_path)
-    model = Qwen2Model.from_pretrained(str(tmp_path), dtype=torch.bfloat16)
+    model = CausalLM.from_pretrained(str(tmp_path), dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 and p.requires_grad for p in model.parameters())
     assert model.rotary.inv_freq.dtype == torch.float32
-    ref = Qwen2Model.from_pretrained(str(tmp_path))
+    ref = CausalLM.from_pretrained(str(tmp_path))
     diff = (_logits(model, SEQS[:2]).float() - _logits(ref, SEQS[:2])).abs().max().item()
     assert diff < 0.25  # bf16 rounding only
 
@@ -79,19 +79,19 @@ def test_missing_or_misshapen_tensor_raises(tmp_path):
     tensors = load_file(file)
     save_file({k: v for k, v in tensors.items() if k != "model.norm.weight"}, file, metadata={"format": "pt"})
     with pytest.raises(ValueError, match="model.norm.weight"):
-        Qwen2Model.from_pretrained(str(tmp_path))
+        CausalLM.from_pretrained(str(tmp_path))
     tensors["model.norm.weight"] = torch.ones(3)
     save_file(tensors, file, metadata={"format": "pt"})
     with pytest.raises(ValueError, match="shape"):
-        Qwen2Model.from_pretrained(str(tmp_path))
+        CausalLM.from_pretrained(str(tmp_path))
     tensors["model.norm.weight"] = torch.ones(56)
     tensors["model.layers.0.self_attn.o_proj.bias"] = torch.zeros(56)
     save_file(tensors, file, metadata={"format": "pt"})
     with pytest.raises(ValueError, match="unexpected tensor"):
-        Qwen2Model.from_pretrained(str(tmp_path))
+        CausalLM.from_pretrained(str(tmp_path))
     os.remove(file)
     with pytest.raises(FileNotFoundError, match="safetensors"):
-        Qwen2Model.from_pretrained(str(tmp_path))
+        CausalLM.from_pretrained(str(tmp_path))
 
 
 def _base_config(tmp_path) -> dict:

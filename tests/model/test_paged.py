@@ -3,9 +3,9 @@ logits as one packed forward over the full sequences. Runs the real `arpo_kernel
 PyTorch and the Triton backend."""
 import pytest
 import torch
-from qwen2_tiny import make_hf_model, pack
+from tiny_models import make_hf_model, pack
 
-from arpo.model import AttentionContext, Qwen2Model
+from arpo.model import AttentionContext, CausalLM
 
 BLOCK = 4
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -16,7 +16,7 @@ TOL = 1e-4 if DEV == "cpu" else 2e-2  # fp32 tl.dot may run in TF32 on the GPU
 def model(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param)
     make_hf_model(request.param).save_pretrained(path)
-    return Qwen2Model.from_pretrained(str(path), device=DEV)
+    return CausalLM.from_pretrained(str(path), device=DEV)
 
 
 def _slots(table: torch.Tensor, positions: range) -> list[int]:
