@@ -78,8 +78,8 @@ class CausalLM(nn.Module):
         return load_model(cls, path, dtype=dtype, device=device)
 
     def save_pretrained(self, path: str, max_shard_size: int | None = None) -> None:
-        """config.json + safetensors that transformers' class for the model type (Qwen2ForCausalLM, ...) loads (sharded above `max_shard_size`
-        bytes, with model.safetensors.index.json)."""
+        """config.json + safetensors that transformers' class for the model type (Qwen2ForCausalLM, ...) loads
+        (sharded above `max_shard_size` bytes, with model.safetensors.index.json)."""
         from .loading import save_model
 
         save_model(self, path, max_shard_size=max_shard_size)

@@ -2,7 +2,8 @@
 
 Numerics follow transformers' Qwen2 / Qwen3 / Llama so that our logits match it: RMSNorm normalises in fp32 and
 multiplies the weight in the input dtype; RoPE angles are computed in fp32, scaled by the RoPE type's attention
-factor (YaRN) and cast to the activation dtype; the rotation is the "rotate half" layout. The MLP keeps gate and up in one fused matrix (`gate_up_proj`, gate rows first) so a
+factor (YaRN) and cast to the activation dtype; the rotation is the "rotate half" layout. The MLP keeps gate and
+up in one fused matrix (`gate_up_proj`, gate rows first; with a bias where Llama's `mlp_bias` asks) so a
 decode step runs one GEMM instead of two; loading.py splits and joins it against the checkpoint's names.
 The eager ops themselves live in `arpo_kernels.fused_ops` as the references of its fused kernels (which the
 model runs when autograd is off), so training and decoding share one definition.
