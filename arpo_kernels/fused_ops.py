@@ -1,4 +1,4 @@
-"""Position-wise ops of a Qwen2 block fused for no-grad forwards (decode steps, prefill): fewer, larger launches.
+"""Position-wise ops of a decoder block fused for no-grad forwards (decode steps, prefill): fewer, larger launches.
 
 Why: a decode step of a small model is bound by kernel count, not bytes — PyTorch's RMSNorm is seven elementwise
 kernels, rotary five per tensor, SiLU·up two — about 35 launches per layer where 10 do the work. Inside a CUDA
@@ -7,6 +7,7 @@ graph each launch still costs a few microseconds of GPU time. These kernels do e
     out, residual = add_rms_norm(x, residual, weight, eps)   # residual' = x + residual; out = RMSNorm(residual')
     out = rms_norm(x, weight, eps)
     q_rot, k_rot = rotary_qk(q, k, cos, sin)                  # "rotate half" RoPE on q and k in one launch
+    q_rot, k_rot = rotary_qk(q, k, cos, sin, q_w, k_w, eps)   # Qwen3: per-head RMSNorm, then RoPE, one launch
     out = silu_mul(gate_up)                                   # silu(gate) * up, gate = first half of the rows
 
 Numerics are those of the PyTorch code in `arpo.model.layers` (transformers' Qwen2), including where it rounds to
@@ -63,9 +64,9 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stri
 
 
 @triton.jit
-def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
-                   stride_ct, stride_st, HQ: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr,
-                   HALF_PAD: tl.constexpr, ACT: tl.constexpr):
+def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, qw_ptr, kw_ptr, stride_qt, stride_qh, stride_kt,
+                   stride_kh, stride_ct, stride_st, eps, HQ: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr,
+                   HALF_PAD: tl.constexpr, HAS_NORM: tl.constexpr, ACT: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     offs = tl.arange(0, HALF_PAD)
@@ -77,11 +78,19 @@ def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, stride_qt, st
     if head < HQ:
         src = q_ptr + t * stride_qt + head * stride_qh
         dst = qo_ptr + (t * HQ + head) * (2 * HALF)
+        w_ptr = qw_ptr
     else:
         src = k_ptr + t * stride_kt + (head - HQ) * stride_kh
         dst = ko_ptr + (t * HKV + head - HQ) * (2 * HALF)
+        w_ptr = kw_ptr
     x1 = tl.load(src + offs, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(src + HALF + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_NORM:  # the head's RMSNorm first (Qwen3's q_norm / k_norm), rounded where rms_norm_reference rounds
+        rstd = tl.rsqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / (2 * HALF) + eps)
+        w1 = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        w2 = tl.load(w_ptr + HALF + offs, mask=mask, other=0.0).to(tl.float32)
+        x1 = _rounded(w1 * _rounded(x1 * rstd, ACT), ACT)
+        x2 = _rounded(w2 * _rounded(x2 * rstd, ACT), ACT)
     # x * cos + rotate_half(x) * sin, each product rounded as the eager code rounds it
     o1 = _rounded(_rounded(x1 * c1, ACT) + _rounded(-x2 * s1, ACT), ACT).to(ACT)
     o2 = _rounded(_rounded(x2 * c2, ACT) + _rounded(x1 * s2, ACT), ACT).to(ACT)
@@ -118,16 +127,19 @@ def _rms_norm_triton(x, weight, eps, residual):
     return (out, res_out.view(x.shape)) if has_res else out
 
 
-def _rotary_triton(q, k, cos, sin):
+def _rotary_triton(q, k, cos, sin, q_weight=None, k_weight=None, eps=0.0):
     t, hq, d = q.shape
     hkv = k.shape[1]
     q_out = torch.empty((t, hq, d), dtype=q.dtype, device=q.device)
     k_out = torch.empty((t, hkv, d), dtype=k.dtype, device=k.device)
     if t:
         half = d // 2
-        _rotary_kernel[(t, hq + hkv)](q, k, cos, sin, q_out, k_out, q.stride(0), q.stride(1), k.stride(0),
-                                      k.stride(1), cos.stride(0), sin.stride(0), HQ=hq, HKV=hkv, HALF=half,
-                                      HALF_PAD=triton.next_power_of_2(half), ACT=_TL[q.dtype], num_warps=1)
+        has_norm = q_weight is not None
+        qw, kw = (q_weight, k_weight) if has_norm else (cos, cos)  # unread without the norm
+        _rotary_kernel[(t, hq + hkv)](q, k, cos, sin, q_out, k_out, qw, kw, q.stride(0), q.stride(1), k.stride(0),
+                                      k.stride(1), cos.stride(0), sin.stride(0), eps, HQ=hq, HKV=hkv, HALF=half,
+                                      HALF_PAD=triton.next_power_of_2(half), HAS_NORM=has_norm,
+                                      ACT=_TL[q.dtype], num_warps=1)
     return q_out, k_out
 
 
@@ -211,20 +223,32 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
                             _check_rows("residual", residual))
 
 
-def rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+def rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              q_weight: torch.Tensor | None = None, k_weight: torch.Tensor | None = None, eps: float = 1e-6):
     """Rotate q [T, Hq, D] and k [T, Hkv, D] (strided views of a fused qkv output are fine) by cos/sin [T, D];
-    returns new contiguous tensors."""
+    returns new contiguous tensors. With `q_weight`/`k_weight` [D], each head is first RMS-normalised with that
+    weight (Qwen3's q_norm / k_norm) in the same pass: `rotary(rms_norm(q, q_weight, eps))`."""
+    if (q_weight is None) != (k_weight is None):
+        raise ValueError("rotary_qk: pass both q_weight and k_weight, or neither")
     if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2] or cos.shape != (q.shape[0], q.shape[2]) \
             or sin.shape != cos.shape:
         raise ValueError(f"rotary_qk: q {tuple(q.shape)}, k {tuple(k.shape)}, cos {tuple(cos.shape)}, "
                          f"sin {tuple(sin.shape)} do not fit [T, H, D], [T, D]")
     if q.shape[2] % 2:
         raise ValueError(f"rotary needs an even head_dim, got {q.shape[2]}")
-    if not use_triton(q):
+    has_norm = q_weight is not None
+    if has_norm and (q_weight.shape != (q.shape[2],) or k_weight.shape != (q.shape[2],)):
+        raise ValueError(f"rotary_qk: q_weight {tuple(q_weight.shape)} / k_weight {tuple(k_weight.shape)} must be "
+                         f"[{q.shape[2]}]")
+    if not use_triton(q) or (has_norm and (q_weight.dtype != q.dtype or k_weight.dtype != q.dtype)):
+        if has_norm:
+            q, k = _rms_norm_torch(q, q_weight, eps), _rms_norm_torch(k, k_weight, eps)
         return rotary_reference(q, cos, sin), rotary_reference(k, cos, sin)
     if k.dtype != q.dtype:
         raise ValueError(f"q dtype {q.dtype} differs from k dtype {k.dtype}")
     q, k, cos, sin = (_check_rows(name, x) for name, x in (("q", q), ("k", k), ("cos", cos), ("sin", sin)))
+    if has_norm:
+        return _rotary_triton(q, k, cos, sin, q_weight.contiguous(), k_weight.contiguous(), eps)
     return _rotary_triton(q, k, cos, sin)
 
 

@@ -81,11 +81,11 @@ class LLMEngine:
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype | None = None, device=None, tokenizer=None, **kw):
-        """Load a local Hugging Face Qwen2 checkpoint directory and build an engine on it, with the tokenizer
+        """Load a local Hugging Face checkpoint directory (Qwen2/2.5, Qwen3, Llama 3.x) and build an engine on it, with the tokenizer
         saved there (none, and a warning, when the directory has no tokenizer files)."""
-        from arpo.model import Qwen2Model
+        from arpo.model import CausalLM
 
-        model = Qwen2Model.from_pretrained(path, dtype=dtype, device=device)
+        model = CausalLM.from_pretrained(path, dtype=dtype, device=device)
         if tokenizer is None:
             tokenizer = checkpoint_tokenizer(path)
             if tokenizer is None:

@@ -1,4 +1,4 @@
-"""Qwen2 self-attention over flat packed tokens, with the backend chosen by the context's kind.
+"""Self-attention (Qwen2 / Qwen3 / Llama) over flat packed tokens, with the backend chosen by the context's kind.
 
 * packed varlen causal: flash-attn's varlen kernel when it imports (probed once here: `HAS_FLASH_ATTN`) and the
   tensors are fp16/bf16 on CUDA; otherwise SDPA on a padded [B, max_seqlen] view with `is_causal=True` — padding
@@ -9,7 +9,9 @@
   `arpo_kernels.paged_attention.paged_decode_attention` (one query per sequence) or `paged_prefill_attention`
   (the last q_len tokens of each context, causal) reads the whole context from the cache.
 
-q/k/v live in one fused projection (`qkv_proj`: q rows, then k, then v, with bias); o_proj has no bias.
+q/k/v live in one fused projection (`qkv_proj`: q rows, then k, then v; with a bias for Qwen2, and where a
+Qwen3 / Llama config sets `attention_bias`, which also gives o_proj one). Qwen3's per-head q/k RMSNorm runs
+before RoPE; with autograd off it is fused into the rotary kernel (one launch for norm and rotation of q and k).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from torch import nn
 from arpo_kernels.fused_ops import rotary_qk, rotary_reference
 
 from .context import AttentionContext
+from .layers import RMSNorm
 
 try:  # probed once; never required
     from flash_attn import flash_attn_varlen_func
@@ -125,23 +128,33 @@ def _compiled_decode_attention(q, k, v, k_cache, v_cache, ctx: AttentionContext,
 
 
 class Attention(nn.Module):
-    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, layer_idx: int):
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, layer_idx: int, *,
+                 qkv_bias: bool = True, o_proj_bias: bool = False, qk_norm: bool = False, eps: float = 1e-6):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.layer_idx = layer_idx
         self.scale = head_dim**-0.5
         self.q_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
-        self.qkv_proj = nn.Linear(hidden_size, self.q_size + 2 * self.kv_size, bias=True)
-        self.o_proj = nn.Linear(self.q_size, hidden_size, bias=False)
+        self.qkv_proj = nn.Linear(hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, hidden_size, bias=o_proj_bias)
+        self.q_norm = RMSNorm(head_dim, eps) if qk_norm else None
+        self.k_norm = RMSNorm(head_dim, eps) if qk_norm else None
+
+    def _rotate(self, q, k, cos, sin):
+        """q/k norm (if any) and RoPE: the eager ops under autograd, one fused launch otherwise (same numbers)."""
+        if torch.is_grad_enabled():
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            return rotary_reference(q, cos, sin), rotary_reference(k, cos, sin)
+        if self.q_norm is None:
+            return rotary_qk(q, k, cos, sin)
+        return rotary_qk(q, k, cos, sin, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext):
         T = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q, k = q.view(T, self.num_heads, self.head_dim), k.view(T, self.num_kv_heads, self.head_dim)
-        if torch.is_grad_enabled():
-            q, k = rotary_reference(q, cos, sin), rotary_reference(k, cos, sin)
-        else:  # one fused launch for both (same numbers)
-            q, k = rotary_qk(q, k, cos, sin)
+        q, k = self._rotate(q, k, cos, sin)
         v = v.view(T, self.num_kv_heads, self.head_dim)
         if ctx.kind == "varlen":
             o = varlen_attention(q, k, v, ctx, self.scale)

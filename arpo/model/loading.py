@@ -4,7 +4,9 @@ Loading builds the module on the meta device, allocates its parameters uninitial
 the target dtype, and copies each checkpoint tensor straight into its parameter (or into its rows of a fused
 one) — no random init, no second copy of the weights. `checkpoint_layout` is the one table that maps the
 checkpoint's names to ours; saving walks the same table backwards, so a saved checkpoint loads in
-transformers' `Qwen2ForCausalLM` (and in ours) with identical weights.
+transformers' `Qwen2ForCausalLM` / `Qwen3ForCausalLM` / `LlamaForCausalLM` (and in ours) with identical
+weights. The table holds exactly the tensors the config implies (biases only where it sets them, q/k norms for
+Qwen3), so a checkpoint with a tensor more or less than its config says fails naming it.
 """
 from __future__ import annotations
 
@@ -29,15 +31,20 @@ def checkpoint_layout(cfg: ModelConfig) -> Layout:
     layout: Layout = {"model.embed_tokens.weight": ("embed_tokens.weight", None, None)}
     for i in range(cfg.num_hidden_layers):
         hf, ours = f"model.layers.{i}.", f"layers.{i}."
-        for kind in ("weight", "bias"):
+        for kind in ("weight", "bias") if cfg.qkv_bias else ("weight",):
             fused = f"{ours}self_attn.qkv_proj.{kind}"
             layout[f"{hf}self_attn.q_proj.{kind}"] = (fused, 0, q)
             layout[f"{hf}self_attn.k_proj.{kind}"] = (fused, q, q + kv)
             layout[f"{hf}self_attn.v_proj.{kind}"] = (fused, q + kv, q + 2 * kv)
-        layout[f"{hf}mlp.gate_proj.weight"] = (f"{ours}mlp.gate_up_proj.weight", 0, inter)
-        layout[f"{hf}mlp.up_proj.weight"] = (f"{ours}mlp.gate_up_proj.weight", inter, 2 * inter)
-        for name in ("self_attn.o_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight",
-                     "post_attention_layernorm.weight"):
+        for kind in ("weight", "bias") if cfg.mlp_bias else ("weight",):
+            layout[f"{hf}mlp.gate_proj.{kind}"] = (f"{ours}mlp.gate_up_proj.{kind}", 0, inter)
+            layout[f"{hf}mlp.up_proj.{kind}"] = (f"{ours}mlp.gate_up_proj.{kind}", inter, 2 * inter)
+        names = ["self_attn.o_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight",
+                 "post_attention_layernorm.weight"]
+        names += ["self_attn.o_proj.bias"] if cfg.o_proj_bias else []
+        names += ["mlp.down_proj.bias"] if cfg.mlp_bias else []
+        names += ["self_attn.q_norm.weight", "self_attn.k_norm.weight"] if cfg.qk_norm else []
+        for name in names:
             layout[hf + name] = (ours + name, None, None)
     layout["model.norm.weight"] = ("norm.weight", None, None)
     if not cfg.tie_word_embeddings:
@@ -79,7 +86,8 @@ def load_model(cls, path: str, dtype: torch.dtype | None = None, device=None):
                 if name not in layout:
                     if name == "lm_head.weight" or name.endswith("rotary_emb.inv_freq"):
                         continue  # tied head stored anyway / a stale buffer
-                    raise ValueError(f"{file}: unexpected tensor {name!r} for a Qwen2 causal LM")
+                    raise ValueError(f"{file}: unexpected tensor {name!r} for this {cfg.model_type} config "
+                                     "(a bias or norm its config.json does not declare?)")
                 ours, start, stop = layout[name]
                 dst = params[ours] if start is None else params[ours][start:stop]
                 src = f.get_tensor(name)

@@ -69,13 +69,24 @@ def test_ancestors_and_bad_inputs():
 
 
 # ---- with the real model ------------------------------------------------------------------------------------
-def tiny_model():
-    from arpo.model import ModelConfig, Qwen2Model
+# the three architectures' layer variants: Qwen2 (q/k/v bias), Qwen3 (q/k norm, YaRN), Llama (all biases, llama3)
+ARCHS = {
+    "qwen2": {},
+    "qwen3": dict(model_type="qwen3", qkv_bias=True, o_proj_bias=True, qk_norm=True,
+                  rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}),
+    "llama": dict(model_type="llama", qkv_bias=True, o_proj_bias=True, mlp_bias=True,
+                  rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
+}
+
+
+def tiny_model(arch: str = "qwen2"):
+    from arpo.model import CausalLM, ModelConfig
 
     cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, rope_theta=10000.0)
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, rope_theta=10000.0, **ARCHS[arch])
     torch.manual_seed(0)
-    model = Qwen2Model(cfg).float()
+    model = CausalLM(cfg).float()
     for p in model.parameters():  # default inits are small: widen them so log-probs vary
         torch.nn.init.normal_(p, std=0.3)
     return model
@@ -97,10 +108,11 @@ def per_leaf_logprobs(model, rows):
     return out
 
 
-def test_packed_logprobs_equal_per_leaf_forwards(row_map):
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_packed_logprobs_equal_per_leaf_forwards(row_map, arch):
     from arpo.model import AttentionContext
 
-    model, trees = tiny_model(), model_trees()
+    model, trees = tiny_model(arch), model_trees()
     batch, rows = pack_trees(trees), leaf_rows(trees)
     rmap = row_map(batch, trees, rows)
     with torch.no_grad():
@@ -116,14 +128,15 @@ def test_packed_logprobs_equal_per_leaf_forwards(row_map):
     torch.testing.assert_close(got[mask], want[mask], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", sorted(ARCHS))
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
-def test_packed_training_gradients_equal_duplicated_rows(agg, row_map):
+def test_packed_training_gradients_equal_duplicated_rows(agg, row_map, arch):
     """Soft-mode loss through the whole model: every parameter gradient equals naive GRPO on leaf rows."""
     from arpo.model import AttentionContext
     from arpo_kernels import linear_logprobs_entropy
     from arpo_kernels.policy_loss import segmented_policy_loss_from_hidden
 
-    model, trees = tiny_model(), model_trees()
+    model, trees = tiny_model(arch), model_trees()
     batch, rows = pack_trees(trees), leaf_rows(trees)
     rmap = row_map(batch, trees, rows)
     g = torch.Generator().manual_seed(3)

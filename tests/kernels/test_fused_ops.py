@@ -1,5 +1,5 @@
-"""Fused position-wise ops (RMSNorm with the residual add, rotary on q and k, SiLU·up) against the eager code they
-replace. In fp32 the Triton path equals the reference to rounding; in bf16 it rounds where the eager code
+"""Fused position-wise ops (RMSNorm with the residual add, rotary on q and k with or without Qwen3's per-head
+q/k norm, SiLU·up) against the eager code they replace. In fp32 the Triton path equals the reference to rounding; in bf16 it rounds where the eager code
 rounds, so results are mostly bit-equal and otherwise off by a bf16 ulp or two (a statistic that differs in its
 last bit, rounded twice)."""
 import pytest
@@ -69,6 +69,26 @@ def test_rotary_on_strided_qkv_views(backend, device, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [16, 12])  # 12: half a head (6) is not a power of two, so the kernel masks lanes
+def test_rotary_with_per_head_norm(backend, device, dtype, d):
+    """Qwen3's q_norm / k_norm fused into the rotary pass equals RMSNorm then rotary, eagerly."""
+    t, hq, hkv = 5, 4, 2
+    qkv = (torch.randn(t, (hq + 2 * hkv) * d) * 3).to(dtype).to(device)
+    q, k, _ = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+    q, k = q.view(t, hq, d), k.view(t, hkv, d)
+    wq, wk = ((torch.rand(d) + 0.5).to(dtype).to(device) for _ in range(2))
+    scaling = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+    cos, sin = RotaryEmbedding(d, 1e6, scaling).to(device)(torch.tensor([0, 3, 7, 100, 2047], device=device), dtype)
+    q_rot, k_rot = rotary_qk(q, k, cos, sin, wq, wk, 1e-6)
+    _close(q_rot, rotary_reference(rms_norm_reference(q, wq, 1e-6), cos, sin), dtype)
+    _close(k_rot, rotary_reference(rms_norm_reference(k, wk, 1e-6), cos, sin), dtype)
+    with pytest.raises(ValueError, match="both"):
+        rotary_qk(q, k, cos, sin, wq, None)
+    with pytest.raises(ValueError, match="must be"):
+        rotary_qk(q, k, cos, sin, wq[:-2], wk[:-2])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("inter", [48, 1100])
 def test_silu_mul(backend, device, dtype, inter):
     x = (torch.randn(3, 2 * inter).to(dtype) * 4).to(device)
@@ -87,19 +107,21 @@ def test_empty_and_bad_inputs(backend, device):
         rotary_qk(*(torch.randn(*shape, device=device) for shape in ((2, 2, 8), (2, 1, 8), (3, 8), (3, 8))))
 
 
-def test_model_inference_forward_equals_training_forward(backend, device):
-    """The model's no-grad forward (fused kernels, residual carried into the next norm) gives the numbers of its
-    autograd forward, which is the eager layer code."""
+@pytest.mark.parametrize("arch", ["Qwen2Config", "Qwen3Config", "LlamaConfig"])
+def test_model_inference_forward_equals_training_forward(backend, device, arch):
+    """The model's no-grad forward (fused kernels, residual carried into the next norm, Qwen3's q/k norm inside
+    the rotary kernel) gives the numbers of its autograd forward, which is the eager layer code."""
     import transformers
 
-    from arpo.model import Qwen2Model
+    from arpo.model import CausalLM
     from arpo.model.config import ModelConfig
 
-    cfg = ModelConfig.from_dict(transformers.Qwen2Config(
+    extra = {} if arch == "Qwen2Config" else dict(attention_bias=True, head_dim=12)
+    cfg = ModelConfig.from_dict(getattr(transformers, arch)(
         vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2).to_dict())
+        num_key_value_heads=2, **extra).to_dict())
     torch.manual_seed(0)
-    model = Qwen2Model(cfg)
+    model = CausalLM(cfg)
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.2)
     model.to(device)

@@ -1,6 +1,6 @@
-"""Fixtures for the model tests (helpers live in qwen2_tiny.py)."""
+"""Fixtures for the model tests (helpers live in tiny_models.py)."""
 import pytest
-from qwen2_tiny import TINY_CONFIGS, make_hf_model
+from tiny_models import TINY_CONFIGS, make_hf_model
 
 
 @pytest.fixture(params=sorted(TINY_CONFIGS))

@@ -1,28 +1,34 @@
 """The engine's path: chunked prefill and decode through the paged KV cache (scattered blocks) give the same
-logits as one packed forward over the full sequences. Runs the real `arpo_kernels` paged kernels, on the
-PyTorch and the Triton backend."""
+logits as one packed forward over the full sequences, for each architecture (Qwen3's q/k norm then runs in the
+fused rotary kernel). Runs the real `arpo_kernels` kernels, on the PyTorch and the Triton backend."""
 import pytest
 import torch
-from qwen2_tiny import make_hf_model, pack
+from tiny_models import make_hf_model, pack
 
-from arpo.model import AttentionContext, Qwen2Model
+from arpo.model import AttentionContext, CausalLM
 
 BLOCK = 4
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = 1e-4 if DEV == "cpu" else 2e-2  # fp32 tl.dot may run in TF32 on the GPU
 
 
-@pytest.fixture(scope="module", params=["gqa7-untied", "gqa2-tied"])
+CONFIGS = ["gqa7-untied", "gqa2-tied", "qwen2-yarn", "qwen3-bias-yarn", "llama3-gqa2", "llama-bias-headdim"]
+ON_TRITON = ["gqa7-untied", "qwen3-bias-yarn", "llama-bias-headdim"]  # the interpreter takes ~15 s a config
+
+
+@pytest.fixture(scope="module", params=CONFIGS)
 def model(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param)
     make_hf_model(request.param).save_pretrained(path)
-    return Qwen2Model.from_pretrained(str(path), device=DEV)
+    return CausalLM.from_pretrained(str(path), device=DEV)
 
 
 def _slots(table: torch.Tensor, positions: range) -> list[int]:
     return [int(table[p // BLOCK]) * BLOCK + p % BLOCK for p in positions]
 
 
+@pytest.mark.parametrize("model, backend", [(n, "torch") for n in CONFIGS] + [(n, "triton") for n in ON_TRITON],
+                         indirect=True)
 def test_chunked_prefill_then_decode_matches_packed_forward(model, backend):
     torch.manual_seed(0)
     V = model.config.vocab_size

@@ -1,12 +1,12 @@
-"""Our Qwen2 forward against transformers' Qwen2ForCausalLM (fp32, max |Δlogit| ≤ 1e-4), in every attention mode
+"""Our forward against transformers (Qwen2, Qwen3, Llama; fp32, max |Δlogit| ≤ 1e-4), in every attention mode
 the trainer uses: packed varlen causal, and the tree ancestor mask."""
 import pytest
 import torch
 
-from arpo.model import AttentionContext, Qwen2Model
+from arpo.model import AttentionContext, CausalLM
 from arpo.model import attention as attention_mod
 
-from qwen2_tiny import hf_padded_logits, pack
+from tiny_models import hf_padded_logits, pack
 
 TOL = 1e-4
 
@@ -18,7 +18,7 @@ def _ragged(vocab: int, lens=(5, 1, 12, 7), seed: int = 1) -> list[list[int]]:
 
 def test_single_sequence_matches_hf(hf_checkpoint):
     hf, path = hf_checkpoint
-    model = Qwen2Model.from_pretrained(path)
+    model = CausalLM.from_pretrained(path)
     seq = _ragged(model.config.vocab_size, lens=(13,))[0]
     ids = torch.tensor(seq)
     with torch.no_grad():
@@ -30,7 +30,7 @@ def test_single_sequence_matches_hf(hf_checkpoint):
 
 def test_packed_varlen_matches_hf_padded(hf_checkpoint):
     hf, path = hf_checkpoint
-    model = Qwen2Model.from_pretrained(path)
+    model = CausalLM.from_pretrained(path)
     seqs = _ragged(model.config.vocab_size)
     ids, pos, cu = pack(seqs)
     with torch.no_grad():
@@ -41,7 +41,7 @@ def test_packed_varlen_matches_hf_padded(hf_checkpoint):
 
 def test_varlen_max_seqlen_inferred_when_omitted(hf_checkpoint):
     hf, path = hf_checkpoint
-    model = Qwen2Model.from_pretrained(path)
+    model = CausalLM.from_pretrained(path)
     seqs = _ragged(model.config.vocab_size, lens=(3, 9))
     ids, pos, cu = pack(seqs)
     with torch.no_grad():
@@ -56,7 +56,7 @@ def _tree():
 
 def test_tree_mask_forward_equals_per_path_forwards(hf_checkpoint):
     _, path = hf_checkpoint
-    model = Qwen2Model.from_pretrained(path)
+    model = CausalLM.from_pretrained(path)
     segs = _tree()
     g = torch.Generator().manual_seed(3)
     tokens = [torch.randint(0, model.config.vocab_size, (n,), generator=g) for _, n in segs]
@@ -96,7 +96,7 @@ def test_tree_mask_forward_equals_per_path_forwards(hf_checkpoint):
 def test_sdpa_padded_path_equals_per_sequence(hf_checkpoint, monkeypatch):
     """The padded SDPA fallback against one forward per sequence (no padding at all)."""
     _, path = hf_checkpoint
-    model = Qwen2Model.from_pretrained(path)
+    model = CausalLM.from_pretrained(path)
     monkeypatch.setattr(attention_mod, "HAS_FLASH_ATTN", False)
     seqs = _ragged(model.config.vocab_size, lens=(6, 2, 9))
     ids, pos, cu = pack(seqs)
@@ -108,7 +108,7 @@ def test_sdpa_padded_path_equals_per_sequence(hf_checkpoint, monkeypatch):
 
 def test_backward_and_gradient_checkpointing_agree(hf_checkpoint):
     _, path = hf_checkpoint
-    model = Qwen2Model.from_pretrained(path).train()
+    model = CausalLM.from_pretrained(path).train()
     seqs = _ragged(model.config.vocab_size, lens=(4, 7))
     ids, pos, cu = pack(seqs)
 
@@ -127,7 +127,7 @@ def test_backward_and_gradient_checkpointing_agree(hf_checkpoint):
 
 def test_bad_inputs_raise(hf_checkpoint):
     _, path = hf_checkpoint
-    model = Qwen2Model.from_pretrained(path)
+    model = CausalLM.from_pretrained(path)
     ids = torch.tensor([1, 2, 3])
     with pytest.raises(ValueError, match="flat"):
         model(ids[None], torch.arange(3)[None])
@@ -142,7 +142,7 @@ def test_bad_inputs_raise(hf_checkpoint):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (flash-attn varlen / SDPA on GPU in bf16)")
 def test_cuda_bf16_packed_equals_per_sequence(hf_checkpoint):
     _, path = hf_checkpoint
-    model = Qwen2Model.from_pretrained(path, dtype=torch.bfloat16, device="cuda")
+    model = CausalLM.from_pretrained(path, dtype=torch.bfloat16, device="cuda")
     seqs = _ragged(model.config.vocab_size, lens=(6, 2, 9))
     ids, pos, cu = pack(seqs)
     with torch.no_grad():

@@ -1,6 +1,6 @@
-"""The Qwen2-family causal LM that both the trainer and the engine run — one module, one set of parameters.
+"""The causal LM that both the trainer and the engine run — one module, one set of parameters.
 
-    model = Qwen2Model.from_pretrained("ckpt/", dtype=torch.bfloat16, device="cuda")
+    model = CausalLM.from_pretrained("ckpt/", dtype=torch.bfloat16, device="cuda")
     hidden = model(input_ids, position_ids, ctx)        # [T] flat tokens → final-normed hidden [T, H]
     logits = model.compute_logits(hidden)               # [T, V] in the model dtype
 
@@ -9,6 +9,11 @@ other — packed varlen causal for training, an ancestor mask for tree-packed tr
 engine. Logits are a separate call so that the trainer can feed `hidden` and `lm_head_weight` to a fused
 loss kernel without materialising [T, V], and the engine only projects the last token of each sequence.
 The engine decodes with the very parameter tensors the optimiser updates: no weight copy, no sync.
+
+One parametrised definition covers Qwen2 / Qwen2.5, Qwen3 dense and Llama 3.x: they are the same pre-norm block
+and differ only in which projections carry a bias, whether q and k get a per-head RMSNorm (Qwen3), and the RoPE
+table (config.py reads which from config.json; rope.py holds the scaling math). `Qwen2Model` is the old name of
+this class, kept as an alias.
 """
 from __future__ import annotations
 
@@ -29,9 +34,10 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.self_attn = Attention(
-            cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, layer_idx
+            cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, layer_idx,
+            qkv_bias=cfg.qkv_bias, o_proj_bias=cfg.o_proj_bias, qk_norm=cfg.qk_norm, eps=cfg.rms_norm_eps,
         )
-        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -52,28 +58,28 @@ class DecoderLayer(nn.Module):
         return self.mlp(h), residual
 
 
-class Qwen2Model(nn.Module):
+class CausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.gradient_checkpointing = False  # recompute each layer in backward (training memory)
 
     # ---- weights -------------------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: str, dtype: torch.dtype | None = None, device=None) -> "Qwen2Model":
+    def from_pretrained(cls, path: str, dtype: torch.dtype | None = None, device=None) -> "CausalLM":
         """Load a Hugging Face checkpoint directory. `dtype=None` → the config's dtype (else float32)."""
         from .loading import load_model
 
         return load_model(cls, path, dtype=dtype, device=device)
 
     def save_pretrained(self, path: str, max_shard_size: int | None = None) -> None:
-        """config.json + safetensors that transformers' Qwen2ForCausalLM loads (sharded above `max_shard_size`
-        bytes, with model.safetensors.index.json)."""
+        """config.json + safetensors that transformers' class for the model type (Qwen2ForCausalLM, ...) loads
+        (sharded above `max_shard_size` bytes, with model.safetensors.index.json)."""
         from .loading import save_model
 
         save_model(self, path, max_shard_size=max_shard_size)
@@ -145,3 +151,6 @@ class Qwen2Model(nn.Module):
         cfg = self.config
         elem = torch.empty((), dtype=dtype or self.dtype).element_size()
         return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
+
+
+Qwen2Model = CausalLM  # the name before Qwen3 and Llama joined
