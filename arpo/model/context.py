@@ -9,6 +9,9 @@ Three kinds, one per caller:
 * `blocks`  — the same tree attention, block-sparse: one block per tree node, its rows `q_rows` [N, S] attending
   to its path's rows `kv_rows` [N, P] under `allowed` [N, S, P] (rows padded with -1; see
   `arpo.algo.PackedBatch.node_blocks`). Costs sum(node length x path length) instead of T².
+* `intervals` — the same tree attention as two int32 arrays per token, `token_enter` / `token_exit` [T] (the
+  node's depth-first pre-order index and its subtree's last one; `PackedBatch.token_intervals`), for the
+  Triton kernel `arpo_kernels.tree_attention`: no [T, T] tensor at all. The trainer's CUDA path.
 * `paged`   — the engine: per-layer K/V caches `[num_blocks, block_size, num_kv_heads, head_dim]`, where each
   new token's K/V goes (`slot_mapping` [T]), each sequence's blocks (`block_tables` [B, max_blocks] int32), its
   length including the new tokens (`context_lens` [B] int32), and the new tokens' boundaries
@@ -17,7 +20,8 @@ Three kinds, one per caller:
   `compiled=True` marks a decode step traced by torch.compile on the CPU: its caller validated the batch, every
   slot is >= 0 (padding rows write to a scratch slot) and attention takes the plain, shape-static path.
 
-Build one with `AttentionContext.varlen(...)`, `.tree(...)` or `.paged(...)`. `ctx=None` in the model's forward
+Build one with `AttentionContext.varlen(...)`, `.tree(...)`, `.tree_blocks(...)`, `.tree_intervals(...)` or
+`.paged(...)`. `ctx=None` in the model's forward
 means a single causal sequence. Derived tensors (the padded-layout index of the SDPA fallback) are computed at
 the first layer and reused by the others through `cache`.
 """
@@ -28,7 +32,7 @@ from typing import Any
 
 import torch
 
-KINDS = ("varlen", "mask", "blocks", "paged")
+KINDS = ("varlen", "mask", "blocks", "intervals", "paged")
 
 
 @dataclass
@@ -40,6 +44,8 @@ class AttentionContext:
     q_rows: torch.Tensor | None = None
     kv_rows: torch.Tensor | None = None
     allowed: torch.Tensor | None = None
+    token_enter: torch.Tensor | None = None
+    token_exit: torch.Tensor | None = None
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     slot_mapping: torch.Tensor | None = None
     block_tables: torch.Tensor | None = None
@@ -87,6 +93,14 @@ class AttentionContext:
         return cls(kind="blocks", q_rows=q_rows, kv_rows=kv_rows, allowed=allowed)
 
     @classmethod
+    def tree_intervals(cls, enter: torch.Tensor, exit: torch.Tensor) -> "AttentionContext":
+        """Tree attention from the interval arrays (see the module docstring and arpo_kernels.tree_attention)."""
+        if enter.dim() != 1 or enter.shape != exit.shape:
+            raise ValueError(f"enter and exit must be matching 1-D [T] tensors, got {tuple(enter.shape)}, "
+                             f"{tuple(exit.shape)}")
+        return cls(kind="intervals", token_enter=enter, token_exit=exit)
+
+    @classmethod
     def paged(
         cls,
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
@@ -123,6 +137,8 @@ class AttentionContext:
             raise ValueError(f"AttentionContext.kind={self.kind!r}: expected one of {', '.join(KINDS)}")
         if self.kind == "mask" and self.attn_mask.shape[0] != num_tokens:
             raise ValueError(f"attn_mask is {tuple(self.attn_mask.shape)} but there are {num_tokens} tokens")
+        if self.kind == "intervals" and self.token_enter.shape[0] != num_tokens:
+            raise ValueError(f"token_enter has {self.token_enter.shape[0]} entries but there are {num_tokens} tokens")
         if self.kind == "paged":
             if len(self.kv_caches) != num_layers:
                 raise ValueError(f"kv_caches has {len(self.kv_caches)} layers, the model has {num_layers}")
