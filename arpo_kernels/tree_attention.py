@@ -62,6 +62,38 @@ def _visible(offs_m, offs_n, q_in, k_in, k_out, T):
 
 
 @triton.jit
+def _load_rows(ptr, offs, stride_t, head_off, offs_d, T, D: tl.constexpr, UPCAST: tl.constexpr):
+    """[len(offs), D_PAD] rows of one head (zeros past T and D), fp32 under the interpreter."""
+    mask = (offs < T)[:, None] & (offs_d < D)[None, :]
+    x = tl.load(ptr + offs.to(tl.int64)[:, None] * stride_t + head_off + offs_d[None, :], mask=mask, other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _store_rows(ptr, x, offs, stride_t, head_off, offs_d, T, D: tl.constexpr):
+    mask = (offs < T)[:, None] & (offs_d < D)[None, :]
+    tl.store(ptr + offs.to(tl.int64)[:, None] * stride_t + head_off + offs_d[None, :],
+             x.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _key_intervals(enter_ptr, exit_ptr, offs_n, T):
+    """enter / exit of key tokens; past T they are (INT_MAX, -1): visible to nothing."""
+    k_in = tl.load(enter_ptr + offs_n, mask=offs_n < T, other=2147483647)
+    k_out = tl.load(exit_ptr + offs_n, mask=offs_n < T, other=-1)
+    return k_in, k_out
+
+
+@triton.jit
+def _query_intervals(enter_ptr, offs_m, T):
+    """enter of query tokens (-1 past T) and the tile's [min, max] over its real rows."""
+    q_in = tl.load(enter_ptr + offs_m, mask=offs_m < T, other=-1)
+    return q_in, tl.min(tl.where(offs_m < T, q_in, 2147483647), 0), tl.max(q_in, 0)
+
+
+@triton.jit
 def _tree_attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, enter_ptr, exit_ptr, tile_in_ptr, tile_out_ptr, o_ptr, lse_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, T, qk_scale,
@@ -73,38 +105,20 @@ def _tree_attn_fwd_kernel(
     kvh = h // GROUP
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
-    m_mask = offs_m < T
-    d_mask = offs_d < D
-    rows_m = offs_m.to(tl.int64)
-    q = tl.load(q_ptr + rows_m[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
-                mask=m_mask[:, None] & d_mask[None, :], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-    q_in = tl.load(enter_ptr + offs_m, mask=m_mask, other=-1)
-    q_lo = tl.min(tl.where(m_mask, q_in, 2147483647), 0)
-    q_hi = tl.max(q_in, 0)
+    q = _load_rows(q_ptr, offs_m, stride_qt, h * stride_qh, offs_d, T, D, UPCAST)
+    q_in, q_lo, q_hi = _query_intervals(enter_ptr, offs_m, T)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
-    hi = tl.minimum((tile + 1) * BLOCK_M, T)
-    for n0 in range(0, hi, BLOCK_N):
+    for n0 in range(0, tl.minimum((tile + 1) * BLOCK_M, T), BLOCK_N):
         t_in = tl.load(tile_in_ptr + n0 // BLOCK_N)
         t_out = tl.load(tile_out_ptr + n0 // BLOCK_N)
         if (t_in <= q_hi) & (t_out >= q_lo):  # else no key of the tile is an ancestor of a query of ours
             offs_n = n0 + tl.arange(0, BLOCK_N)
-            n_mask = offs_n < T
-            rows_n = offs_n.to(tl.int64)
-            kv_mask = n_mask[:, None] & d_mask[None, :]
-            k = tl.load(k_ptr + rows_n[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :], mask=kv_mask,
-                        other=0.0)
-            v = tl.load(v_ptr + rows_n[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :], mask=kv_mask,
-                        other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            k_in = tl.load(enter_ptr + offs_n, mask=n_mask, other=2147483647)
-            k_out = tl.load(exit_ptr + offs_n, mask=n_mask, other=-1)
+            k = _load_rows(k_ptr, offs_n, stride_kt, kvh * stride_kh, offs_d, T, D, UPCAST)
+            v = _load_rows(v_ptr, offs_n, stride_vt, kvh * stride_vh, offs_d, T, D, UPCAST)
+            k_in, k_out = _key_intervals(enter_ptr, exit_ptr, offs_n, T)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
             s = tl.where(_visible(offs_m, offs_n, q_in, k_in, k_out, T), s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -116,15 +130,13 @@ def _tree_attn_fwd_kernel(
             m_i = m_new
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)  # only padding rows have l = 0
-    out = acc / l_safe[:, None]
-    tl.store(o_ptr + rows_m[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
-             out.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
-    tl.store(lse_ptr + h * T + offs_m, m_i + tl.log2(l_safe), mask=m_mask)
+    _store_rows(o_ptr, acc / l_safe[:, None], offs_m, stride_ot, h * stride_oh, offs_d, T, D)
+    tl.store(lse_ptr + h * T + offs_m, m_i + tl.log2(l_safe), mask=offs_m < T)
 
 
 @triton.jit
 def _tree_attn_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, enter_ptr, exit_ptr, tile_in_ptr, tile_out_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, enter_ptr, exit_ptr, tile_lo_ptr, tile_hi_ptr,
     dk_ptr, dv_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh, T, qk_scale, scale,
     GROUP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -134,17 +146,9 @@ def _tree_attn_dkdv_kernel(
     kvh = tl.program_id(1)
     offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
-    n_mask = offs_n < T
-    d_mask = offs_d < D
-    rows_n = offs_n.to(tl.int64)
-    kv_mask = n_mask[:, None] & d_mask[None, :]
-    k = tl.load(k_ptr + rows_n[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(v_ptr + rows_n[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
-    k_in = tl.load(enter_ptr + offs_n, mask=n_mask, other=2147483647)
-    k_out = tl.load(exit_ptr + offs_n, mask=n_mask, other=-1)
+    k = _load_rows(k_ptr, offs_n, stride_kt, kvh * stride_kh, offs_d, T, D, UPCAST)
+    v = _load_rows(v_ptr, offs_n, stride_vt, kvh * stride_vh, offs_d, T, D, UPCAST)
+    k_in, k_out = _key_intervals(enter_ptr, exit_ptr, offs_n, T)
     k_lo = tl.min(k_in, 0)
     k_hi = tl.max(k_out, 0)
 
@@ -154,34 +158,24 @@ def _tree_attn_dkdv_kernel(
     for g in range(GROUP):
         h = kvh * GROUP + g
         for m0 in range(start, T, BLOCK_M):
-            t_in = tl.load(tile_in_ptr + m0 // BLOCK_M)  # min / max enter over the query tile
-            t_hi = tl.load(tile_out_ptr + m0 // BLOCK_M)
-            if (t_hi >= k_lo) & (t_in <= k_hi):
+            t_lo = tl.load(tile_lo_ptr + m0 // BLOCK_M)  # min / max enter over the query tile
+            t_hi = tl.load(tile_hi_ptr + m0 // BLOCK_M)
+            if (t_hi >= k_lo) & (t_lo <= k_hi):
                 offs_m = m0 + tl.arange(0, BLOCK_M)
-                m_mask = offs_m < T
-                rows_m = offs_m.to(tl.int64)
-                q_mask = m_mask[:, None] & d_mask[None, :]
-                q = tl.load(q_ptr + rows_m[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=q_mask,
-                            other=0.0)
-                do = tl.load(do_ptr + rows_m[:, None] * stride_dot + h * stride_doh + offs_d[None, :], mask=q_mask,
-                             other=0.0)
-                if UPCAST:
-                    q = q.to(tl.float32)
-                    do = do.to(tl.float32)
-                q_in = tl.load(enter_ptr + offs_m, mask=m_mask, other=-1)
-                lse = tl.load(lse_ptr + h * T + offs_m, mask=m_mask, other=0.0)
-                delta = tl.load(delta_ptr + h * T + offs_m, mask=m_mask, other=0.0)
+                q = _load_rows(q_ptr, offs_m, stride_qt, h * stride_qh, offs_d, T, D, UPCAST)
+                do = _load_rows(do_ptr, offs_m, stride_dot, h * stride_doh, offs_d, T, D, UPCAST)
+                q_in = tl.load(enter_ptr + offs_m, mask=offs_m < T, other=-1)
+                lse = tl.load(lse_ptr + h * T + offs_m, mask=offs_m < T, other=0.0)
+                delta = tl.load(delta_ptr + h * T + offs_m, mask=offs_m < T, other=0.0)
                 s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-                p = tl.exp2(s - lse[:, None])
-                p = tl.where(_visible(offs_m, offs_n, q_in, k_in, k_out, T), p, 0.0)
+                p = tl.where(_visible(offs_m, offs_n, q_in, k_in, k_out, T), tl.exp2(s - lse[:, None]), 0.0)
                 dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=PRECISION)
                 dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
                 ds = p * (dp - delta[:, None])
                 dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PRECISION)
 
-    out_rows = rows_n[:, None] * stride_dkt + kvh * stride_dkh + offs_d[None, :]
-    tl.store(dk_ptr + out_rows, (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
-    tl.store(dv_ptr + out_rows, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+    _store_rows(dk_ptr, dk * scale, offs_n, stride_dkt, kvh * stride_dkh, offs_d, T, D)
+    _store_rows(dv_ptr, dv, offs_n, stride_dkt, kvh * stride_dkh, offs_d, T, D)
 
 
 @triton.jit
@@ -197,49 +191,28 @@ def _tree_attn_dq_kernel(
     kvh = h // GROUP
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
-    m_mask = offs_m < T
-    d_mask = offs_d < D
-    rows_m = offs_m.to(tl.int64)
-    q_mask = m_mask[:, None] & d_mask[None, :]
-    q = tl.load(q_ptr + rows_m[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
-    do = tl.load(do_ptr + rows_m[:, None] * stride_dot + h * stride_doh + offs_d[None, :], mask=q_mask, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
-    q_in = tl.load(enter_ptr + offs_m, mask=m_mask, other=-1)
-    q_lo = tl.min(tl.where(m_mask, q_in, 2147483647), 0)
-    q_hi = tl.max(q_in, 0)
-    lse = tl.load(lse_ptr + h * T + offs_m, mask=m_mask, other=0.0)
-    delta = tl.load(delta_ptr + h * T + offs_m, mask=m_mask, other=0.0)
+    q = _load_rows(q_ptr, offs_m, stride_qt, h * stride_qh, offs_d, T, D, UPCAST)
+    do = _load_rows(do_ptr, offs_m, stride_dot, h * stride_doh, offs_d, T, D, UPCAST)
+    q_in, q_lo, q_hi = _query_intervals(enter_ptr, offs_m, T)
+    lse = tl.load(lse_ptr + h * T + offs_m, mask=offs_m < T, other=0.0)
+    delta = tl.load(delta_ptr + h * T + offs_m, mask=offs_m < T, other=0.0)
 
     dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
-    hi = tl.minimum((tile + 1) * BLOCK_M, T)
-    for n0 in range(0, hi, BLOCK_N):
+    for n0 in range(0, tl.minimum((tile + 1) * BLOCK_M, T), BLOCK_N):
         t_in = tl.load(tile_in_ptr + n0 // BLOCK_N)
         t_out = tl.load(tile_out_ptr + n0 // BLOCK_N)
         if (t_in <= q_hi) & (t_out >= q_lo):
             offs_n = n0 + tl.arange(0, BLOCK_N)
-            n_mask = offs_n < T
-            rows_n = offs_n.to(tl.int64)
-            kv_mask = n_mask[:, None] & d_mask[None, :]
-            k = tl.load(k_ptr + rows_n[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :], mask=kv_mask,
-                        other=0.0)
-            v = tl.load(v_ptr + rows_n[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :], mask=kv_mask,
-                        other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            k_in = tl.load(enter_ptr + offs_n, mask=n_mask, other=2147483647)
-            k_out = tl.load(exit_ptr + offs_n, mask=n_mask, other=-1)
+            k = _load_rows(k_ptr, offs_n, stride_kt, kvh * stride_kh, offs_d, T, D, UPCAST)
+            v = _load_rows(v_ptr, offs_n, stride_vt, kvh * stride_vh, offs_d, T, D, UPCAST)
+            k_in, k_out = _key_intervals(enter_ptr, exit_ptr, offs_n, T)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-            p = tl.exp2(s - lse[:, None])
-            p = tl.where(_visible(offs_m, offs_n, q_in, k_in, k_out, T), p, 0.0)
+            p = tl.where(_visible(offs_m, offs_n, q_in, k_in, k_out, T), tl.exp2(s - lse[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
             dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
 
-    tl.store(dq_ptr + rows_m[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :],
-             (dq * scale).to(dq_ptr.dtype.element_ty), mask=q_mask)
+    _store_rows(dq_ptr, dq * scale, offs_m, stride_dqt, h * stride_dqh, offs_d, T, D)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -313,7 +286,7 @@ def _backward_triton(do, q, k, v, out, lse, enter, exit, scale, block_m=None, bl
     group = _check(q, k, v, enter, exit)
     do = _unit_stride(do)
     t, hq, _ = q.shape
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))  # contiguous
     if t == 0:
         return dq, dk, dv
     delta = torch.einsum("thd,thd->ht", out.float(), do.float()).contiguous()  # Δ = rowsum(O ⊙ dO)
