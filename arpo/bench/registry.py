@@ -16,6 +16,7 @@ WORKLOADS = {
     "policy-loss": "arpo.bench.policy_loss",
     "rollout": "arpo.bench.rollout",
     "train-step": "arpo.bench.train_step",
+    "tree-attention": "arpo.bench.tree_attention",
 }
 
 
