@@ -24,12 +24,18 @@ from arpo_kernels.token_stats import (
 )
 
 _DEFAULT_CHUNK_ELEMENTS = None  # per device: see _default_chunk_elements
+_DEFAULT_CPU_CHUNK_ELEMENTS = 1 << 24
+_DEFAULT_CPU_KEEP_ELEMENTS = 0
 
 
 def _default_chunk_elements(device: torch.device) -> int:
     # GPU: 256M logits (512 MiB in bf16, ~1.7k tokens at V = 152k) keep the matmuls at full speed and the
     # number of d W accumulations small; CPU: 4M fit caches better and bound memory.
-    return 1 << 28 if device.type == "cuda" else 1 << 22
+    return 1 << 28 if device.type == "cuda" else _DEFAULT_CPU_CHUNK_ELEMENTS
+
+
+def _default_keep_elements(device: torch.device) -> int:
+    return _DEFAULT_CPU_KEEP_ELEMENTS if device.type != "cuda" else 0
 
 
 def _chunk_tokens(n: int, V: int, chunk_elements: int) -> int:
@@ -42,20 +48,25 @@ def _logits_chunk(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 class _LinearTokenStats(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden2d, weight, targets1d, temperature, ignore_index, chunk_elements):
+    def forward(ctx, hidden2d, weight, targets1d, temperature, ignore_index, chunk_elements, keep_elements):
         n = hidden2d.shape[0]
         V = weight.shape[0]
         logprob = torch.empty(n, dtype=torch.float32, device=hidden2d.device)
         entropy = torch.empty_like(logprob)
         lse = torch.empty_like(logprob)
         step = _chunk_tokens(n, V, chunk_elements)
-        for a in range(0, n, step):
+        starts = range(0, n, step)
+        first_kept = len(starts) - keep_elements // (step * V)  # the last chunks that fit the budget stay
+        kept = {}
+        for i, a in enumerate(starts):
             logits = _logits_chunk(hidden2d[a:a + step], weight)
             lp, ent, ls = stats_forward(logits, targets1d[a:a + step], temperature, ignore_index)
             logprob[a:a + step], entropy[a:a + step], lse[a:a + step] = lp, ent, ls
+            if i >= first_kept:
+                kept[a] = logits
             del logits
         ctx.save_for_backward(hidden2d, weight, targets1d, lse, entropy)
-        ctx.temperature, ctx.ignore_index, ctx.step = temperature, ignore_index, step
+        ctx.temperature, ctx.ignore_index, ctx.step, ctx.kept = temperature, ignore_index, step, kept
         return logprob, entropy
 
     @staticmethod
@@ -69,27 +80,36 @@ class _LinearTokenStats(torch.autograd.Function):
         # Liger-Kernel does; an fp32 buffer would cost 2 x |W| extra memory and a pass over it per chunk.
         grad_weight = torch.zeros_like(weight) if need_w else None
         n, step = hidden2d.shape[0], ctx.step
+        # one chunk buffer: recomputed logits become their gradient in place; a kept chunk's gradient is written
+        # here too, so that the kept logits stay intact for a second backward (retain_graph)
+        work = hidden2d.new_empty(min(step, n), weight.shape[0]) if n else None
         for a in range(0, n, step):
             h = hidden2d[a:a + step]
-            logits = _logits_chunk(h, weight)
+            buf = work[:h.shape[0]]
+            logits = ctx.kept.get(a)
+            if logits is None:
+                logits = torch.matmul(h, weight.t(), out=buf)
             grad_logits = stats_backward(logits, targets1d[a:a + step], lse[a:a + step], entropy[a:a + step],
                                          g_lp[a:a + step], g_h[a:a + step], ctx.temperature, ctx.ignore_index,
-                                         out=logits)  # in place: the logits are not needed afterwards
+                                         out=buf)
             if need_h:
                 torch.matmul(grad_logits, weight, out=grad_hidden[a:a + step])
             if need_w:
                 grad_weight.addmm_(grad_logits.t(), h)
             del logits, grad_logits
-        return grad_hidden, grad_weight, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
 def linear_logprobs_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                             temperature: float = 1.0, ignore_index: int = -100,
-                            chunk_elements: int | None = _DEFAULT_CHUNK_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
+                            chunk_elements: int | None = _DEFAULT_CHUNK_ELEMENTS,
+                            keep_elements: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob of `targets` and entropy under `softmax(hidden @ weight.T / temperature)`, never storing all logits.
 
     hidden `[..., H]`, weight `[V, H]`, targets `[...]` integer. Returns fp32 `(logprob, entropy)` of shape
-    `targets.shape`; differentiable w.r.t. `hidden` and `weight`.
+    `targets.shape`; differentiable w.r.t. `hidden` and `weight`. `chunk_elements`: logits per chunk (default per
+    device); `keep_elements`: how many logits the forward may keep for the backward instead of recomputing them
+    (whole chunks, the last ones; default per device, 0 on CUDA).
     """
     if not isinstance(hidden, torch.Tensor) or hidden.dim() < 1:
         raise ValueError("hidden must be a tensor of shape [..., H]")
@@ -112,12 +132,16 @@ def linear_logprobs_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets:
         chunk_elements = _default_chunk_elements(hidden.device)
     if chunk_elements < 1:
         raise ValueError(f"chunk_elements must be >= 1, got {chunk_elements}")
+    if keep_elements is None:
+        keep_elements = _default_keep_elements(hidden.device)
+    if keep_elements < 0:
+        raise ValueError(f"keep_elements must be >= 0, got {keep_elements}")
     check_targets(targets, weight.shape[0], ignore_index, hidden.shape[:-1])
     temperature = check_temperature(temperature)
     lead = hidden.shape[:-1]
     hidden2d = hidden.reshape(-1, hidden.shape[-1]).contiguous()
     logprob, entropy = _LinearTokenStats.apply(hidden2d, weight, targets.reshape(-1).contiguous(), temperature,
-                                               int(ignore_index), int(chunk_elements))
+                                               int(ignore_index), int(chunk_elements), int(keep_elements))
     return logprob.view(lead), entropy.view(lead)
 
 

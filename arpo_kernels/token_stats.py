@@ -17,7 +17,8 @@ Entries equal to -inf (a masked vocabulary) have p = 0 and contribute nothing. R
 `ignore_index` give 0 for both outputs and receive no gradient.
 
 Backends (one dispatch point, `_backend.backend_for`): Triton kernels on CUDA or under TRITON_INTERPRET=1;
-elsewhere a chunked PyTorch path with the same recompute-in-backward structure. `token_logprobs_entropy_reference`
+elsewhere PyTorch with the same recompute-in-backward structure: the chunk bodies fused by torch.compile
+(`token_stats_compiled`, the CPU default) or, where compiling is off or impossible, eager ops chunked over rows. `token_logprobs_entropy_reference`
 is the plain PyTorch definition the tests compare against.
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from arpo_kernels import token_stats_compiled
 from arpo_kernels._backend import use_triton
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -206,12 +208,19 @@ def stats_forward(logits2d, targets1d, temperature, ignore_index):
     """(logprob, entropy, lse) per row of a 2-D logits tensor, on the dispatched backend."""
     if use_triton(logits2d):
         return _stats_fwd_triton(logits2d, targets1d, temperature, ignore_index)
+    if token_stats_compiled.available():
+        return token_stats_compiled.stats_forward(logits2d, targets1d, temperature, ignore_index)
     return _stats_fwd_torch(logits2d, targets1d, temperature, ignore_index)
 
 
 def stats_backward(logits2d, targets1d, lse, entropy, g_lp, g_h, temperature, ignore_index, out=None):
     """d(loss)/d(logits) for one chunk of rows, given the upstream gradients of logprob and entropy."""
-    fn = _stats_bwd_triton if use_triton(logits2d) else _stats_bwd_torch
+    if use_triton(logits2d):
+        fn = _stats_bwd_triton
+    elif token_stats_compiled.available():
+        fn = token_stats_compiled.stats_backward
+    else:
+        fn = _stats_bwd_torch
     return fn(logits2d, targets1d, lse, entropy, g_lp, g_h, temperature, ignore_index, out)
 
 

@@ -20,9 +20,10 @@ its nearest non-empty ancestor (else the prompt's last token). The trainer does
 
 The ancestor structure is kept compact (`token_node`, `node_parent`) so that other attention backends (a
 flex_attention mask_mod: `anc[token_node[q], token_node[k]] & (k <= q)`) can use it; `attention_mask()` builds
-the dense bool [L, L] mask for SDPA, and `node_blocks()` a sparse per-node layout (queries of one node against the
-rows of its path) whose cost is Σ len · path length instead of L² — dense-mask attention over a whole packed
-tree does several times the attention work of the per-leaf rows.
+the dense bool [L, L] mask for SDPA (now the tests' reference), `node_blocks()` a sparse per-node layout (queries
+of one node against the rows of its path) whose cost is Σ len · path length instead of L² — dense-mask attention
+over a whole packed tree does several times the attention work of the per-leaf rows — and `token_intervals()` two
+int arrays per token for the tree-attention kernel (`arpo_kernels.tree_attention`, the trainer's CUDA path).
 """
 from __future__ import annotations
 
@@ -90,6 +91,32 @@ class PackedBatch:
         node = self.token_node
         idx = torch.arange(node.numel(), device=node.device)
         return anc[node][:, node] & (idx[None, :] <= idx[:, None])
+
+    def token_intervals(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(enter, exit) int32 [L]: the depth-first pre-order index of each token's node and the largest one in
+        that node's subtree — `arpo_kernels.tree_attention`'s form of `attention_mask()`: key k is visible to
+        query q iff k <= q and enter[k] <= enter[q] <= exit[k]. O(S) host work, no [L, L] tensor."""
+        parent = self.node_parent.tolist()
+        children: list[list[int]] = [[] for _ in parent]
+        for n, p in enumerate(parent):
+            if p >= 0:
+                children[p].append(n)
+        pre, last, count = [0] * len(parent), [0] * len(parent), 0
+        for root in (n for n, p in enumerate(parent) if p < 0):
+            stack = [(root, False)]
+            while stack:  # iterative DFS: trees may be deeper than Python's recursion limit
+                n, done = stack.pop()
+                if done:
+                    last[n] = count - 1
+                    continue
+                pre[n], count = count, count + 1
+                stack.append((n, True))
+                stack.extend((c, False) for c in reversed(children[n]))
+        node = self.token_node
+        dev = node.device
+        enter = torch.tensor(pre, dtype=torch.int32, device=dev)[node]
+        exit = torch.tensor(last, dtype=torch.int32, device=dev)[node]
+        return enter, exit
 
     def node_blocks(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Sparse layout of the same attention: one block per non-empty node.

@@ -98,37 +98,50 @@ def _packed_train(case: Case):
     return run
 
 
+def row_batch(rows, device) -> dict:
+    """Leaf rows laid end to end for a varlen forward, with every loss position's (row, column) and targets."""
+    lens = rows.lengths
+    ids = torch.cat([rows.input_ids[r, : lens[r]] for r in range(len(lens))]).to(device)
+    pos = torch.cat([torch.arange(int(n)) for n in lens]).to(device)
+    cu = torch.cat([torch.zeros(1, dtype=torch.int32), lens.cumsum(0).to(torch.int32)]).to(device)
+    # every target position of every row, flattened: (row start + p - 1) predicts (row, p)
+    r_idx, p_idx = rows.loss_mask[:, 1:].nonzero(as_tuple=True)
+    shape = (len(lens), rows.input_ids.shape[1] - 1)
+    mask = torch.zeros(shape)
+    mask[r_idx, p_idx] = 1.0
+    return {"ids": ids, "pos": pos, "cu": cu, "width": rows.input_ids.shape[1], "shape": shape,
+            "pred": (cu[:-1].long().cpu()[r_idx] + p_idx).to(device),
+            "targets": rows.input_ids[:, 1:][r_idx, p_idx].to(device),
+            "old": rows.old_logprobs[:, 1:][r_idx, p_idx].to(device), "adv": rows.advantages.to(device),
+            "r": r_idx.to(device), "p": p_idx.to(device), "mask": mask.to(device)}
+
+
+def row_loss(model, b: dict, bf16: bool = False) -> torch.Tensor:
+    """verl's token-mean dual-clip loss on the rows of `row_batch` (varlen causal forward)."""
+    from arpo.algo.rows import grpo_row_loss
+    from arpo.model import AttentionContext
+    from arpo.trainer.sft import autocast
+    from arpo_kernels import linear_logprobs_entropy
+
+    with autocast(b["ids"].device, bf16):
+        hidden = model(b["ids"], b["pos"], AttentionContext.varlen(b["cu"], max_seqlen=b["width"]))
+    w = model.lm_head_weight
+    lp, _ = linear_logprobs_entropy(hidden[b["pred"]].to(w.dtype), w, b["targets"])
+    logp = torch.zeros(b["shape"], device=lp.device).index_put((b["r"], b["p"]), lp.float())
+    old_rows = torch.zeros_like(logp).index_put((b["r"], b["p"]), b["old"])
+    loss, _ = grpo_row_loss(logp, old_rows, b["adv"], b["mask"], "token-mean")
+    return loss
+
+
 def _rows_train(case: Case):
     if case.kind != "train":
         return None
     from arpo.algo import leaf_rows
-    from arpo.algo.rows import grpo_row_loss
-    from arpo.model import AttentionContext
-    from arpo_kernels import linear_logprobs_entropy
 
-    model, rows = _model(case), leaf_rows(case.make_trees())
-    lens = rows.lengths
-    ids = torch.cat([rows.input_ids[r, : lens[r]] for r in range(len(lens))]).to(case.device)
-    pos = torch.cat([torch.arange(int(n)) for n in lens]).to(case.device)
-    cu = torch.cat([torch.zeros(1, dtype=torch.int32), lens.cumsum(0).to(torch.int32)]).to(case.device)
-    width = rows.input_ids.shape[1]
-    # every target position of every row, flattened: (row start + p - 1) predicts (row, p)
-    r_idx, p_idx = rows.loss_mask[:, 1:].nonzero(as_tuple=True)
-    pred = (cu[:-1].long().cpu()[r_idx] + p_idx).to(case.device)
-    targets = rows.input_ids[:, 1:][r_idx, p_idx].to(case.device)
-    old = rows.old_logprobs[:, 1:][r_idx, p_idx].to(case.device)
-    adv = rows.advantages.to(case.device)
-    r_dev, p_dev = r_idx.to(case.device), p_idx.to(case.device)
-    mask = torch.zeros(len(lens), width - 1, device=case.device)
-    mask[r_dev, p_dev] = 1.0
+    model, batch = _model(case), row_batch(leaf_rows(case.make_trees()), case.device)
 
     def run():
-        hidden = model(ids, pos, AttentionContext.varlen(cu, max_seqlen=width))
-        lp, _ = linear_logprobs_entropy(hidden[pred], model.lm_head_weight, targets)
-        logp = torch.zeros(len(lens), width - 1, device=case.device).index_put((r_dev, p_dev), lp)
-        old_rows = torch.zeros_like(logp).index_put((r_dev, p_dev), old)
-        loss, _ = grpo_row_loss(logp, old_rows, adv, mask, "token-mean")
-        loss.backward()
+        row_loss(model, batch).backward()
         model.zero_grad(set_to_none=True)
     return run
 

@@ -15,6 +15,8 @@ WORKLOADS = {
     "paged-attention": "arpo.bench.paged_attention",
     "policy-loss": "arpo.bench.policy_loss",
     "rollout": "arpo.bench.rollout",
+    "train-step": "arpo.bench.train_step",
+    "tree-attention": "arpo.bench.tree_attention",
 }
 
 
@@ -59,6 +61,8 @@ def run_cli(name: str, device: str | None = None, quick: bool = False, out: str 
     mod, device, results = run(name, device, quick, only)
     print(f"# {name} on {machine_name(device)}  (torch {torch.__version__})")
     print(format_table(results, mod.BASELINE))
+    if hasattr(mod, "report"):  # a workload's own columns
+        print(mod.report(results))
     if out:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         with open(out, "w") as f:

@@ -4,7 +4,8 @@
   tensors are fp16/bf16 on CUDA; otherwise SDPA on a padded [B, max_seqlen] view with `is_causal=True` — padding
   sits at the end of each row, so causality alone keeps real queries off padded keys and no mask is built.
   The padding costs B*max_seqlen^2 instead of sum(len^2) attention work; a single sequence runs unpadded.
-* tree mask: SDPA with the bool [T, T] ancestor mask.
+* tree mask: SDPA with the bool [T, T] ancestor mask (the tests' reference); tree blocks: SDPA node by node (the
+  CPU trainer); tree intervals: `arpo_kernels.tree_attention`, no mask (the CUDA trainer).
 * paged: `arpo_kernels.kv_cache.store_kv` writes this step's K/V into the layer's cache, then
   `arpo_kernels.paged_attention.paged_decode_attention` (one query per sequence) or `paged_prefill_attention`
   (the last q_len tokens of each context, causal) reads the whole context from the cache.
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from arpo_kernels.fused_ops import rotary_qk, rotary_reference
+from arpo_kernels.tree_attention import tree_attention
 
 from .context import AttentionContext
 from .layers import RMSNorm
@@ -160,6 +162,8 @@ class Attention(nn.Module):
             o = varlen_attention(q, k, v, ctx, self.scale)
         elif ctx.kind == "blocks":
             o = block_attention(q, k, v, ctx, self.scale)
+        elif ctx.kind == "intervals":
+            o = tree_attention(q, k, v, ctx.token_enter, ctx.token_exit, self.scale)
         elif ctx.kind == "mask":
             o = masked_attention(q, k, v, ctx.attn_mask, self.scale)
         else:

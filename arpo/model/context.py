@@ -9,6 +9,9 @@ The kinds, one per caller:
 * `blocks`  — the same tree attention, block-sparse: one block per tree node, its rows `q_rows` [N, S] attending
   to its path's rows `kv_rows` [N, P] under `allowed` [N, S, P] (rows padded with -1; see
   `arpo.algo.PackedBatch.node_blocks`). Costs sum(node length x path length) instead of T².
+* `intervals` — the same tree attention as two int32 arrays per token, `token_enter` / `token_exit` [T] (the
+  node's depth-first pre-order index and its subtree's last one; `PackedBatch.token_intervals`), for the
+  Triton kernel `arpo_kernels.tree_attention`: no [T, T] tensor at all. The trainer's CUDA path.
 * `paged`   — the engine: per-layer K/V caches `[num_blocks, block_size, num_kv_heads, head_dim]`, where each
   new token's K/V goes (`slot_mapping` [T]), each sequence's blocks (`block_tables` [B, max_blocks] int32), its
   length including the new tokens (`context_lens` [B] int32), and the new tokens' boundaries
@@ -17,9 +20,10 @@ The kinds, one per caller:
   `compiled=True` marks a decode step traced by torch.compile on the CPU: its caller validated the batch, every
   slot is >= 0 (padding rows write to a scratch slot) and attention takes the plain, shape-static path.
 
-Four kinds, each its own small frozen type, so that a context cannot hold another kind's fields:
-`VarlenContext`, `MaskContext`, `BlockContext`, `PagedContext`. Build one with `AttentionContext.varlen(...)`,
-`.single(...)`, `.tree(...)`, `.tree_blocks(...)` or `.paged(...)` (which check their inputs); the layers dispatch
+Five kinds, each its own small frozen type, so that a context cannot hold another kind's fields:
+`VarlenContext`, `MaskContext`, `BlockContext`, `IntervalContext`, `PagedContext`. Build one with
+`AttentionContext.varlen(...)`, `.single(...)`, `.tree(...)`, `.tree_blocks(...)`, `.tree_intervals(...)` or
+`.paged(...)` (which check their inputs); the layers dispatch
 on `ctx.kind`. `ctx=None` in the model's forward means a single causal sequence. Derived tensors (the
 padded-layout index of the SDPA fallback) are computed at the first layer and reused by the others through
 `cache` (the one mutable part, per forward).
@@ -31,7 +35,7 @@ from typing import Any, ClassVar, Union
 
 import torch
 
-KINDS = ("varlen", "mask", "blocks", "paged")
+KINDS = ("varlen", "mask", "blocks", "intervals", "paged")
 
 
 class _Context:
@@ -76,6 +80,20 @@ class BlockContext(_Context):
 
 
 @dataclass(frozen=True)
+class IntervalContext(_Context):
+    """Tree attention from the interval arrays: key j is visible to query i when `token_enter[i]` lies in
+    [`token_enter[j]`, `token_exit[j]`] (and j <= i), both [T] int32 (see arpo_kernels.tree_attention)."""
+    kind: ClassVar[str] = "intervals"
+    token_enter: torch.Tensor
+    token_exit: torch.Tensor
+    cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def check(self, num_tokens: int, num_layers: int, dtype=None, kv_shape=None) -> None:
+        if self.token_enter.shape[0] != num_tokens:
+            raise ValueError(f"token_enter has {self.token_enter.shape[0]} entries but there are {num_tokens} tokens")
+
+
+@dataclass(frozen=True)
 class PagedContext(_Context):
     """The engine's paged KV cache (see the module docstring for each field)."""
     kind: ClassVar[str] = "paged"
@@ -107,11 +125,11 @@ class PagedContext(_Context):
                               None if self.is_decode else self.cu_seqlens_q, dtype, *kv_shape)
 
 
-AnyContext = Union[VarlenContext, MaskContext, BlockContext, PagedContext]
+AnyContext = Union[VarlenContext, MaskContext, BlockContext, IntervalContext, PagedContext]
 
 
 class AttentionContext:
-    """The checked constructors of the four context kinds (and the name the model's signatures use)."""
+    """The checked constructors of the five context kinds (and the name the model's signatures use)."""
 
     @staticmethod
     def varlen(cu_seqlens: torch.Tensor, max_seqlen: int | None = None) -> VarlenContext:
@@ -149,6 +167,14 @@ class AttentionContext:
         return BlockContext(q_rows, kv_rows, allowed)
 
     @staticmethod
+    def tree_intervals(enter: torch.Tensor, exit: torch.Tensor) -> IntervalContext:
+        """Tree attention from the interval arrays (see the module docstring and arpo_kernels.tree_attention)."""
+        if enter.dim() != 1 or enter.shape != exit.shape:
+            raise ValueError(f"enter and exit must be matching 1-D [T] tensors, got {tuple(enter.shape)}, "
+                             f"{tuple(exit.shape)}")
+        return IntervalContext(enter, exit)
+
+    @staticmethod
     def paged(
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         slot_mapping: torch.Tensor,
@@ -166,5 +192,5 @@ class AttentionContext:
                             max_seqlen_q, max_context_len, compiled)
 
 
-__all__ = ["AttentionContext", "AnyContext", "VarlenContext", "MaskContext", "BlockContext", "PagedContext",
-           "KINDS"]
+__all__ = ["AttentionContext", "AnyContext", "VarlenContext", "MaskContext", "BlockContext", "IntervalContext",
+           "PagedContext", "KINDS"]

@@ -2,7 +2,7 @@
 
 The trees of one rollout batch are split into mini-batches of `train.mini_batch_prompts` prompts (one optimiser
 step each, `algo.ppo_epochs` passes). A mini-batch is tree-packed (`arpo.algo.pack_trees`: each shared token
-forwarded once, ancestor-mask attention, depth positions) in micro-batches of about `train.micro_batch_tokens`
+forwarded once, tree attention, depth positions) in micro-batches of about `train.micro_batch_tokens`
 packed tokens whose gradients accumulate. The aggregation weights (token-mean, ...) are computed once over the
 whole mini-batch and sliced per micro-batch — the loss kernel's per-token coefficients are exact for any split —
 so the accumulated gradient equals that of one forward over the mini-batch.
@@ -15,6 +15,10 @@ metric sums are reduced over ranks before they become means.
 Also measured here: the gap between the sampler's log-probs (decode path: paged attention, fused sampler) and the
 trainer's recomputation of the same tokens (packed tree forward), on the first mini-batch, before any weight
 changes — the two should agree up to kernel rounding, and `logprob_gap/*` says by how much.
+
+Tree attention (`tree_context`): on CUDA the Triton kernel over two int arrays per token (arpo_kernels.tree_attention,
+no [T, T] mask); on the CPU the block-sparse per-node SDPA (`tree_blocks`), which measured 1.9x faster than the
+dense mask there at 4k packed tokens (benchmarks/RESULTS.md). The dense mask is only the tests' reference.
 """
 from __future__ import annotations
 
@@ -54,9 +58,18 @@ def _slice(w: PolicyLossWeights, a: int, b: int, device) -> PolicyLossWeights:
     return PolicyLossWeights(*(t[a:b].to(device) for t in w))
 
 
-def token_stats(model, batch, temperature: float, bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-prob, entropy) of the loss tokens of a (device-resident) packed batch under `model`, differentiable."""
-    ctx = AttentionContext.tree(batch.attention_mask())
+def tree_context(batch) -> AttentionContext:
+    """The tree attention a (device-resident) packed batch trains with: interval kernel on CUDA, blocks on CPU."""
+    if batch.input_ids.is_cuda:
+        return AttentionContext.tree_intervals(*batch.token_intervals())
+    return AttentionContext.tree_blocks(*batch.node_blocks())
+
+
+def token_stats(model, batch, temperature: float, bf16: bool, ctx: AttentionContext | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-prob, entropy) of the loss tokens of a (device-resident) packed batch under `model`, differentiable.
+    `ctx` defaults to `tree_context(batch)`."""
+    ctx = tree_context(batch) if ctx is None else ctx
     with autocast(batch.input_ids.device, bf16):
         hidden = model(batch.input_ids, batch.position_ids, ctx)
     w = model.lm_head_weight
@@ -75,12 +88,13 @@ def _loss_kwargs(cfg) -> dict:
 def _micro_step(model, ref_model, micro, w, cfg, temperature: float, measure_gap: bool, sums: dict) -> float:
     """Forward + backward of one micro-batch; adds weighted metric sums into `sums`, returns the largest
     log-prob gap (0 unless `measure_gap`)."""
-    logp, ent = token_stats(model, micro, temperature, cfg.train.bf16)
+    ctx = tree_context(micro)
+    logp, ent = token_stats(model, micro, temperature, cfg.train.bf16, ctx)
     old = micro.old_logprobs
     ref = None
     if cfg.algo.kl_coef > 0 and ref_model is not None:
         with torch.no_grad():
-            ref, _ = token_stats(ref_model, micro, temperature, cfg.train.bf16)
+            ref, _ = token_stats(ref_model, micro, temperature, cfg.train.bf16, ctx)
     loss, m = segmented_policy_loss(logp, old, w, entropy=ent.detach(), ref_logprobs=ref, **_loss_kwargs(cfg))
     count = w.count.float()
     if cfg.algo.entropy_coef > 0:  # entropy bonus, weighted like the loss tokens (Σ weight = the aggregation)
