@@ -8,7 +8,8 @@ composed config (`arpo.config.Config`), so that one setting reaches its layer by
 
 The engine wraps the *same* model object the optimiser updates (zero-copy): each rollout decodes with the weights
 of the latest update. `model.path: embedded` means a 0.8M-parameter character-level Qwen2 (hidden 128, 4 layers,
-4 heads / 2 KV heads, MLP 384, tied embeddings, the 54-symbol tokenizer of `arpo.data.char_tokenizer`), created
+4 heads / 2 KV heads, MLP 384, tied embeddings, the 54-symbol tokenizer of `arpo.data.char_tokenizer`, or with
+`data.embedded_task: agent` the word-level one of `arpo.data.agent_tokenizer`), created
 once with a seeded initialisation in `RUN_DIR/base_model/` in Hugging Face format and reused from there by every
 later run in that directory — so a run directory is self-contained and its base model loads in transformers too.
 """
@@ -76,11 +77,12 @@ def init_weights(model: Qwen2Model, seed: int, std: float = 0.02) -> Qwen2Model:
     return model
 
 
-def create_embedded_model(model_section, out_dir: str, seed: int = 0) -> str:
-    """Write a freshly initialised embedded model + tokenizer to `out_dir` (atomically); returns `out_dir`."""
-    from arpo.data import load_embedded_tokenizer
+def create_embedded_model(model_section, out_dir: str, seed: int = 0, task: str = "arith") -> str:
+    """Write a freshly initialised embedded model + the tokenizer of embedded `task` to `out_dir` (atomically);
+    returns `out_dir`."""
+    from arpo.data import task_tokenizer
 
-    tokenizer = load_embedded_tokenizer()
+    tokenizer = task_tokenizer(task)
     model = init_weights(Qwen2Model(embedded_model_config(model_section, len(tokenizer))), seed)
     tmp = f"{out_dir}.tmp-{os.getpid()}"
     model.save_pretrained(tmp)
@@ -89,12 +91,12 @@ def create_embedded_model(model_section, out_dir: str, seed: int = 0) -> str:
     return out_dir
 
 
-def embedded_base_dir(run_dir: str, model_section, seed: int = 0) -> str:
+def embedded_base_dir(run_dir: str, model_section, seed: int = 0, task: str = "arith") -> str:
     """`run_dir/base_model`, created on first use and reused afterwards."""
     path = os.path.join(run_dir, BASE_MODEL_DIR)
     if not os.path.isfile(os.path.join(path, "config.json")):
         os.makedirs(run_dir, exist_ok=True)
-        create_embedded_model(model_section, path, seed)
+        create_embedded_model(model_section, path, seed, task)
     return path
 
 
@@ -149,7 +151,7 @@ def _checked_load(path: str, load):
 def base_model_path(cfg) -> str:
     """The directory the run starts from: model.path, or the embedded model in the run dir."""
     if cfg.model.path == "embedded":
-        return embedded_base_dir(cfg.train.run_dir, cfg.model, cfg.train.seed)
+        return embedded_base_dir(cfg.train.run_dir, cfg.model, cfg.train.seed, cfg.data.embedded_task)
     return cfg.model.path
 
 
@@ -168,9 +170,9 @@ def build_tools(cfg):
             if t.search_url:
                 kw.update(url=t.search_url, protocol=t.search_protocol)
             else:
-                from arpo.data.world import CORPUS_PATH
+                from arpo.data.tasks import task_corpus
 
-                kw["corpus_path"] = t.search_corpus or CORPUS_PATH
+                kw["corpus_path"] = t.search_corpus or task_corpus(cfg.data.embedded_task)
             specs[name] = kw
         else:
             specs[name] = {}

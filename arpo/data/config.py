@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 from arpo.settings import check_fields, check_files, opt
 
@@ -26,9 +26,13 @@ class DataConfig:
                                        "used; null = none")
     shuffle: bool = opt(True, "shuffle training prompts each epoch (seeded by train.seed)")
     max_eval_examples: Optional[int] = opt(None, "evaluate on at most this many held-out rows; null = all", gt=0)
+    embedded_task: Literal["arith", "agent"] = opt(
+        "arith", "embedded task: arith = the default (one python call per question, character tokenizer); agent = "
+        "0-3 calls of python and search with distractor passages, word-level tokenizer (arpo.data.agent)")
     embedded_train_size: int = opt(4096, "embedded task: number of training questions", gt=0)
     embedded_eval_size: int = opt(64, "embedded task: number of held-out questions", gt=0)
-    embedded_lookup_fraction: float = opt(0.0, "embedded task: share of two-hop search questions (rest: arithmetic)",
+    embedded_lookup_fraction: float = opt(0.0, "embedded arith task: share of two-hop search questions (rest: "
+                                          "arithmetic)",
                                           ge=0, le=1)
 
     def __post_init__(self):

@@ -15,7 +15,7 @@ class ToolsConfig:
     python_timeout_s: float = opt(10.0, "python sandbox: wall-clock limit per call (s)", gt=0)
     python_memory_mb: int = opt(1024, "python sandbox: address-space limit per call (MiB)", gt=0)
     search_corpus: Optional[str] = opt(None, "search: local JSONL corpus of {title, text}; null = the bundled "
-                                       "embedded corpus")
+                                       "corpus of data.embedded_task")
     search_url: Optional[str] = opt(None, "search: HTTP retriever URL (used instead of the local corpus when set)")
     search_protocol: Literal["arpo", "retriever"] = opt(
         "arpo", "search: the service's protocol; arpo = POST {query, top_k}; retriever = Search-R1's retrieval "

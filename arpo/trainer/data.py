@@ -96,9 +96,9 @@ def load_rows(path: str, section) -> list[dict]:
 
 
 def embedded_rows(section, split: str, n: int, seed: int) -> list[dict]:
-    from arpo.data import embedded_examples
+    from arpo.data import task_examples
 
-    exs = embedded_examples(n, split, seed, section.embedded_lookup_fraction)
+    exs = task_examples(section, n, split, seed)
     return [dict(ex.meta, prompt=ex.prompt, answer=ex.answer, data_source=ex.data_source) for ex in exs]
 
 

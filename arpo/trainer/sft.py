@@ -5,7 +5,7 @@ demonstration traces. The loss is the mean negative log-likelihood of the model'
 and tool-result spans (` <result>\\n…\\n</result>`, which the tool writes at rollout time) are masked out; the EOS
 after the answer is trained, so the model learns to stop.
 
-Traces: the embedded task's demonstrations (`arpo.data.demo_segments`), or `sft.train_files` — JSONL rows with a
+Traces: the embedded task's demonstrations (`arpo.data.task_demo_segments`), or `sft.train_files` — JSONL rows with a
 `prompt` and either `segments: [[text, trainable], ...]` or a `response` text whose ` <result>…</result>` spans
 are masked automatically. Batches are packed end to end (varlen attention, no padding); the log-likelihood goes
 through the fused `linear_logprobs_entropy`, never materialising [tokens, vocab] logits. The optimiser is AdamW
@@ -61,10 +61,10 @@ def load_traces(cfg) -> list[dict]:
     """`{prompt, segments}` demonstrations: sft.train_files, or the embedded task's."""
     if cfg.sft.train_files:
         return [r for f in cfg.sft.train_files for r in _trace_rows(f)]
-    from arpo.data import demo_segments, embedded_examples
+    from arpo.data import task_demo_segments, task_examples
 
-    exs = embedded_examples(cfg.data.embedded_train_size, "train", cfg.train.seed, cfg.data.embedded_lookup_fraction)
-    return [{"prompt": ex.prompt, "segments": demo_segments(ex)} for ex in exs]
+    exs = task_examples(cfg.data, cfg.data.embedded_train_size, "train", cfg.train.seed)
+    return [{"prompt": ex.prompt, "segments": task_demo_segments(ex)} for ex in exs]
 
 
 def tokenize_trace(tokenizer, trace: dict, data_section, max_tokens: int,
