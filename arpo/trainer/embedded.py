@@ -89,13 +89,29 @@ def embedded_base_dir(run_dir: str, model_section, seed: int = 0) -> str:
 
 
 def load_tokenizer(path: str):
-    """The tokenizer saved next to a checkpoint (transformers' AutoTokenizer)."""
-    from transformers import AutoTokenizer
+    """The tokenizer saved next to a checkpoint (transformers' AutoTokenizer).
+
+    A tokenizer saved as a plain `tokenizers` pipeline (the embedded character tokenizer) is loaded as one:
+    AutoTokenizer would pick the class of config.json's model type (Qwen2Tokenizer), whose own pre-tokenizer
+    drops spaces, newlines and unknown characters from every encoded text (tool results included)."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     try:
+        if _saved_tokenizer_class(path) in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+            return PreTrainedTokenizerFast.from_pretrained(path)
         return AutoTokenizer.from_pretrained(path)
     except Exception as exc:  # noqa: BLE001 - name the directory; transformers' messages rarely do
         raise RuntimeError(f"{path}: cannot load a tokenizer ({type(exc).__name__}: {exc})") from exc
+
+
+def _saved_tokenizer_class(path: str) -> str | None:
+    import json
+
+    try:
+        with open(os.path.join(path, "tokenizer_config.json"), encoding="utf-8") as f:
+            return json.load(f).get("tokenizer_class")
+    except (OSError, ValueError):
+        return None
 
 
 def policy_dtype(path: str, model_section) -> torch.dtype:
