@@ -7,7 +7,7 @@ each user or system message after the first, assistant turns appended as they we
 is exactly the training prompt (`Q: 123*45+6=?`).
 
 Streaming: `TextStream` decodes incrementally (a window of the previous tokens, as vLLM does, so multi-byte
-characters and leading-space tokens come out right) and holds back the last `len(stop) - 1` characters while a
+characters and leading-space tokens come out right) and holds back the last `len(stop)` characters while a
 user stop string may still be completing, so the streamed chunks concatenate to exactly the non-streamed text,
 which ends before the stop string (OpenAI's behaviour).
 """
@@ -46,7 +46,9 @@ class TextStream:
 
     def __init__(self, tokenizer, stops: tuple[str, ...] = ()):
         self.tokenizer = tokenizer
-        self.holdback = max((len(s) for s in stops), default=1) - 1
+        # the delta after a token is taken before the engine says whether that token completed a stop string, so
+        # the whole length of the longest one stays back
+        self.holdback = max((len(s) for s in stops), default=0)
         self.ids: list[int] = []
         self._prefix = self._read = 0
         self.text = ""
