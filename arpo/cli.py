@@ -8,7 +8,7 @@
     arpo sft [config.yaml] [key=value ...]       # cold-start SFT only; writes RUN_DIR/sft_model
     arpo eval CHECKPOINT [config.yaml] [key=value ...] [--samples K --temperature T]
     arpo plot RUN_DIR [RUN_DIR ...]              # PNG curves (several runs overlaid)
-    arpo rollout ...                             # one rollout, printed as trees
+    arpo rollout [config.yaml] [key=value ...] [--toy] [--n N] [--out trees.jsonl]   # one rollout, as trees
     arpo bench token-stats [--device cuda] [--quick]
 
 Each subcommand lives in its own small function; heavy imports happen inside them so `arpo --help` is instant.
@@ -161,8 +161,7 @@ def _cmd_sft(args: argparse.Namespace) -> int:
 
             raise ConfigError("sft.steps must be > 0 for `arpo sft`")
         from arpo.config import check_paths
-        from arpo.trainer.components import set_threads
-        from arpo.trainer.embedded import base_model_path, load_policy
+        from arpo.build import base_model_path, load_policy, set_threads
         from arpo.trainer.metrics import MetricsLogger
         from arpo.trainer.sft import run_sft
         from arpo.trainer.trainer import SFT_MODEL_DIR, seed_everything
@@ -190,9 +189,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     try:
         cfg = _eval_config(args)
         from arpo.config import check_paths
-        from arpo.trainer.components import build_engine, build_reward, build_tools, set_threads
+        from arpo.build import build_engine, build_reward, build_tools, load_policy, set_threads
         from arpo.trainer.data import DataError, eval_rows, prompt_inputs
-        from arpo.trainer.embedded import load_policy
         from arpo.trainer.evaluate import evaluate
 
         check_paths(cfg)
@@ -203,8 +201,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             raise DataError("no held-out prompts: set data.eval_files")
     except _user_errors() as exc:
         return _fail(exc)
-    k = args.samples or cfg.train.eval_samples
-    temperature = cfg.train.eval_temperature if args.temperature is None else args.temperature
+    k, temperature = cfg.train.eval_sampling(args.samples, args.temperature)
     tools = build_tools(cfg)
     try:
         engine = build_engine(model, tok, cfg, min(len(prompts), 64) * k + 64)
@@ -245,6 +242,55 @@ def _eval_config(args):
     cfg = load_cli_config([path] + overrides if path else overrides)
     cfg.model.path = args.checkpoint
     return cfg
+
+
+# ---------------------------------------------------------------------------------------------------- rollout
+def _cmd_rollout(args: argparse.Namespace) -> int:
+    """One rollout of the config's held-out prompts, printed as trees (and saved as JSONL with --out)."""
+    import json
+
+    try:
+        cfg = load_cli_config(list(args.args))
+        from arpo.build import (base_model_path, build_engine, build_reward, build_rollout, build_tools,
+                                load_policy, resolve_device, set_threads)
+        from arpo.config import check_paths
+        from arpo.trainer.data import DataError, eval_rows, prompt_inputs
+
+        check_paths(cfg)
+        set_threads(cfg.train.threads)
+        if args.toy:
+            from arpo.rollout.toy_policy import tool_chain_policy
+
+            model, tok = tool_chain_policy("python", device=resolve_device(cfg.model.device),
+                                           chain_kw={"eps": 1e-4, "p_eos": 0.05}, noise=5e-4)
+        else:
+            model, tok = load_policy(base_model_path(cfg), cfg.model)
+        prompts = prompt_inputs(eval_rows(cfg), tok, cfg.data)[: args.n]
+        if not prompts:
+            raise DataError("no prompts: set data.eval_files (or data.train_files)")
+    except _user_errors() as exc:
+        return _fail(exc)
+    tools = build_tools(cfg)
+    try:
+        engine = build_engine(model, tok, cfg, len(prompts) * cfg.rollout.leaves + 8)
+        result = build_rollout(engine, tools, build_reward(cfg), cfg).run(prompts, seed=cfg.train.seed)
+    finally:
+        tools.close()
+    trees, s = result.trees, result.stats
+    for tree in trees[: args.show]:
+        print(tree.render(decode=tok.decode, max_chars=args.max_chars))
+        print()
+    leaves = sum(len(t.leaves) for t in trees)
+    print(f"{len(trees)} trees, {leaves} leaves, {sum(t.metadata['branches'] for t in trees)} branches, "
+          f"{s['tool_calls']} tool calls, prefill {s['prefill_tokens']} / decode {s['decode_tokens']} tokens, "
+          f"peak {s['peak_blocks']} KV blocks, {s['wall_s']:.2f} s; mean reward "
+          f"{sum(r for t in trees for r in t.rewards()) / max(leaves, 1):.3f}")
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            for tree in trees:
+                f.write(json.dumps(tree.to_dict()) + "\n")
+        print(f"wrote {args.out}")
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------------- plot
@@ -310,14 +356,18 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--out", default=None, help="output directory (default: RUN_DIR/plots)")
     plot.set_defaults(func=_cmd_plot)
 
-    try:
-        from arpo.rollout.cli import add_rollout_parser, run_rollout_cli
-    except ImportError:
-        pass
-    else:
-        rollout = add_rollout_parser(sub)
-        if rollout is not None and rollout.get_default("func") is None:
-            rollout.set_defaults(func=run_rollout_cli)
+    rollout = sub.add_parser("rollout", help="run the entropy-adaptive tree rollout on held-out prompts and print "
+                                             "the trees", description="One rollout with the config's settings "
+                             "(rollout.*, tools.*, reward.*) of the first --n held-out prompts of its data.")
+    _config_args(rollout)
+    rollout.add_argument("--toy", action="store_true", help="decode with the scripted toy policy (a model that "
+                         "keeps writing python calls) instead of model.path: shows the mechanics untrained")
+    rollout.add_argument("--n", type=int, default=2, help="number of prompts")
+    rollout.add_argument("--out", default=None, help="write the trees as JSONL here")
+    rollout.add_argument("--show", type=int, default=1, help="print this many trees as text (0 = none)")
+    rollout.add_argument("--max-chars", type=int, default=160, help="cut each printed segment to this many "
+                                                                    "characters")
+    rollout.set_defaults(func=_cmd_rollout)
 
     bench = sub.add_parser("bench", help="run throughput/memory benchmarks and print a comparison table")
     bench.add_argument("workload", nargs="?", help="benchmark to run (see --list)")

@@ -87,3 +87,18 @@ def test_sft_then_eval_then_plot(tmp_path, capsys):
     assert metrics["questions"] == 2 and metrics["samples"] == 2 and 0.0 <= metrics["pass@2"] <= 1.0
     assert main(["plot", os.path.join(run, "sft")]) == 0
     assert "loss.png" in capsys.readouterr().out
+
+
+def test_rollout_takes_the_config_and_overrides(tmp_path, capsys):
+    """`arpo rollout` reads the same YAML + overrides as `train`: the tree has the configured leaves, the trees
+    land in --out, and a bad override is the same one-line error."""
+    import json
+
+    out = tmp_path / "trees.jsonl"
+    assert main(["rollout", "--toy", "--n", "1", "--out", str(out), "rollout.leaves=4", "rollout.initial=2",
+                 "rollout.max_response_tokens=48", f"train.run_dir={tmp_path / 'run'}"]) == 0
+    trees = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(trees) == 1 and len(trees[0]["leaves"]) == 4
+    assert "1 trees, 4 leaves" in capsys.readouterr().out
+    assert main(["rollout", "--toy", "rollout.leafs=4"]) == 2
+    assert "did you mean 'leaves'" in capsys.readouterr().err

@@ -121,9 +121,7 @@ def _engine_provider(case: Case):
         parent = engine.add(prompts[0], SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
         while engine.has_unfinished():
             engine.step()
-        children = engine.fork(parent, 8, at=len(prompts[0]))
-        for c in children:
-            engine.sequence(c).params = params
+        children = engine.fork(parent, 8, at=len(prompts[0]), params=params)
         engine.release(parent)
         while engine.has_unfinished():
             engine.step()

@@ -100,9 +100,9 @@ def make_rollout(case: Case, mode: str, prefix_mode: str, sync_tools: bool):
     prompts = instruction_prompts(embedded_examples(case.prompts, seed=3), case.instructions)
 
     def run():
-        trees = rollout.run(prompts, seed=0)
-        run.last = (trees, dict(rollout.stats))
-        return trees
+        result = rollout.run(prompts, seed=0)
+        run.last = (result.trees, result.stats)
+        return result.trees
     run()
     trees, stats = run.last
     leaves = sum(len(t.leaves) for t in trees)

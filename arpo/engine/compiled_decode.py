@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.fx.experimental._config  # noqa: F401 - the duck-shape switch
 
+from arpo.engine.decode_batch import DecodeBatch
 from arpo.model.context import AttentionContext
 
 
@@ -32,9 +33,9 @@ class CompiledDecode:
         ctx = AttentionContext.paged(self.kv_caches, slots, tables, lens, is_decode=True, compiled=True)
         return self.model(ids, pos, ctx)
 
-    def run(self, ids: list[int], pos: list[int], slots: list[int], tables: list[list[int]],
-            lens: list[int]) -> torch.Tensor:
-        """Hidden states [n, H] of one decode step for n sequences."""
+    def run(self, batch: DecodeBatch) -> tuple[torch.Tensor, None]:
+        """(logits [n, V], None) of one decode step for n sequences: the caller samples (eagerly)."""
+        ids, pos, slots, tables, lens = batch.ids, batch.pos, batch.slots, batch.tables, batch.lens
         n = len(ids)
         pad = max(0, 2 - n)
         width = max(2, max(len(t) for t in tables))
@@ -51,4 +52,5 @@ class CompiledDecode:
             n + pad, len(self.kv_caches), self.model.dtype, (cfg.num_key_value_heads, cfg.head_dim))
         # no duck sizing: a batch that happens to equal the block size or the table width must not tie the two
         with torch.fx.experimental._config.patch(use_duck_shape=False):
-            return self._fn(ids_t, pos_t, slots_t, tables_t, lens_t)[:n]
+            hidden = self._fn(ids_t, pos_t, slots_t, tables_t, lens_t)[:n]
+        return self.model.compute_logits(hidden), None

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from arpo.engine.decode_batch import DecodeBatch
 from arpo.model.context import AttentionContext
 from arpo_kernels.sampler import sample
 
@@ -108,13 +109,13 @@ class DecodeGraphs:
             self._staged.record()
 
     @torch.inference_mode()
-    def run(self, ids: list[int], pos: list[int], slots: list[int], tables: list[list[int]], lens: list[int],
-            temperature: list[float], seeds: list[int], offsets: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def run(self, batch: DecodeBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """One decode step for n sequences (n <= max_batch): (logits [n, V], sampled [3, n] fp64 on the device:
         tokens, log-probs, entropies of the unfiltered sampler)."""
-        n = len(ids)
+        n = len(batch)
         bs = next(b for b in self.buckets if b >= n)
-        self._stage(bs, ids, pos, slots, tables, lens, temperature, seeds, offsets)
+        self._stage(bs, batch.ids, batch.pos, batch.slots, batch.tables, batch.lens, batch.temperature,
+                    batch.seeds, batch.offsets)
         if not self.capture:
             logits, sampled = self._step(bs)
         else:

@@ -14,12 +14,14 @@ next step with the new weights — no copy, no sync.
 from __future__ import annotations
 
 import itertools
-import os
 import random
+import warnings
+from dataclasses import fields, replace
 
 import torch
 
 from arpo.engine.block_manager import BlockManager
+from arpo.engine.config import EngineConfig
 from arpo.engine.scheduler import CacheTooSmallError, Scheduler
 from arpo.engine.sequence import (
     Completion,
@@ -30,41 +32,48 @@ from arpo.engine.sequence import (
     mix_seed,
 )
 from arpo.engine.model_runner import ModelRunner
+from arpo.engine.stop_ids import eos_ids
+from arpo.engine.tokenizer_files import NO_TOKENIZER, checkpoint_tokenizer
 
 
 class LLMEngine:
-    def __init__(self, model, *, block_size: int = 16, num_blocks: int | None = None,
-                 memory_fraction: float = 0.3, max_num_seqs: int = 256, max_num_batched_tokens: int = 4096,
-                 max_model_len: int | None = None, tokenizer=None, eos_token_id: int | None = None,
-                 enable_prefix_caching: bool = True, seed: int = 0, decode_graphs: str | None = None,
-                 kv_dtype: torch.dtype | None = None):
-        if block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {block_size}")
+    def __init__(self, model, config: EngineConfig | None = None, *, tokenizer=None,
+                 eos_token_id: int | list[int] | None = None, kv_dtype: torch.dtype | None = None, **settings):
+        """`config` holds the engine's settings (`EngineConfig`); keyword `settings` are EngineConfig fields that
+        replace its values (`LLMEngine(model, block_size=4, num_blocks=32)`). The tokenizer, the end-of-sequence
+        ids and the cache dtype (default: the model's; FSDP2 mixed precision keeps fp32 shards and decodes in
+        bf16) are facts of the caller's model, not settings. `eos_token_id=None` stops on every EOS id the
+        checkpoint declares (see `stop_ids`); an int or a list replaces them (`[]`: none). Without a tokenizer
+        the engine works on token ids and refuses stop strings."""
+        config = config or EngineConfig()
+        if settings:
+            names = {f.name for f in fields(EngineConfig)}
+            bad = sorted(set(settings) - names)
+            if bad:
+                raise TypeError(f"LLMEngine got unknown setting(s) {', '.join(bad)}; EngineConfig fields: "
+                                f"{', '.join(sorted(names))}")
+            config = replace(config, **settings)
         cfg = model.config
+        self.config = config
         self.model = model
         self.tokenizer = tokenizer
-        self.max_model_len = max_model_len or getattr(cfg, "max_position_embeddings", 32768)
-        self.eos_token_id = eos_token_id if eos_token_id is not None else _eos_of(cfg, tokenizer)
-        self.block_size = block_size
-        # the cache's dtype: the model's, unless its weights are decoded in another one (FSDP2 mixed precision
-        # keeps fp32 shards and gathers bf16 weights for the rollout)
+        self.max_model_len = config.max_model_len or getattr(cfg, "max_position_embeddings", 32768)
+        self.eos_token_ids = eos_ids(cfg, tokenizer, eos_token_id)
+        self.block_size = config.block_size
         self.kv_dtype = kv_dtype or model.dtype
+        num_blocks = config.num_blocks
         if num_blocks is None:
-            num_blocks = self._blocks_for_memory(memory_fraction)
-        if num_blocks < 1:
-            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
-        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
-        if decode_graphs is None:  # CUDA graphs for decode steps wherever they can run; env override for debugging
-            decode_graphs = os.environ.get("ARPO_DECODE_GRAPHS") or ("cuda" if model.device.type == "cuda" else "off")
-        self.runner = ModelRunner(model, num_blocks, block_size, kv_dtype=self.kv_dtype,
-                                  decode_graphs=decode_graphs,
-                                  max_batch=min(max_num_seqs, 256), max_model_len=self.max_model_len)
+            num_blocks = self._blocks_for_memory(config.memory_fraction)
+        self.block_manager = BlockManager(num_blocks, self.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(model, num_blocks, self.block_size, kv_dtype=self.kv_dtype,
+                                  decode_graphs=config.resolved_graphs(model.device.type),
+                                  max_batch=min(config.max_num_seqs, 256), max_model_len=self.max_model_len)
         self.seqs: dict[int, Sequence] = {}
         self._pieces: dict[int, str] = {}  # token id -> its text alone (the stop-string pre-check)
         self._ids = itertools.count()
         self._arrivals = itertools.count()
-        self._seed_rng = random.Random(seed)
+        self._seed_rng = random.Random(config.seed)
         # prefill/decode tokens: positions newly written to the cache; refed_tokens: positions fed again only for
         # their logits (a forked child's last shared token), whose K/V was already cached.
         self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "refed_tokens": 0, "steps": 0, "preemptions": 0,
@@ -72,12 +81,15 @@ class LLMEngine:
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype | None = None, device=None, tokenizer=None, **kw):
-        """Load a local Hugging Face Qwen2 checkpoint directory and build an engine on it."""
+        """Load a local Hugging Face Qwen2 checkpoint directory and build an engine on it, with the tokenizer
+        saved there (none, and a warning, when the directory has no tokenizer files)."""
         from arpo.model import Qwen2Model
 
         model = Qwen2Model.from_pretrained(path, dtype=dtype, device=device)
         if tokenizer is None:
-            tokenizer = _try_tokenizer(path)
+            tokenizer = checkpoint_tokenizer(path)
+            if tokenizer is None:
+                warnings.warn(f"{path}: no tokenizer files; {NO_TOKENIZER}", stacklevel=2)
         return cls(model, tokenizer=tokenizer, **kw)
 
     def _blocks_for_memory(self, fraction: float) -> int:
@@ -95,6 +107,8 @@ class LLMEngine:
     def add(self, prompt_ids: list[int], params: SamplingParams | None = None) -> int:
         """Queue a prompt; returns its sequence id. Nothing runs until `step`."""
         params = params or SamplingParams()
+        if params.stop and self.tokenizer is None:
+            raise ValueError(f"SamplingParams.stop={list(params.stop)}: {NO_TOKENIZER}")
         prompt_ids = [int(t) for t in prompt_ids]
         if not prompt_ids:
             raise ValueError("a prompt needs at least one token")
@@ -116,12 +130,13 @@ class LLMEngine:
         active = [s for s in self.seqs.values() if s.status != SequenceStatus.STOPPED]
         if not active:
             return []
-        chunks = self.scheduler.schedule(active)
-        self.stats["preemptions"] += len(self.scheduler.preempted)
+        plan = self.scheduler.schedule(active)
+        chunks = plan.chunks
+        self.stats["preemptions"] += len(plan.preempted)
         if not chunks:
-            raise CacheTooSmallError(self.scheduler._too_small(active[0], active[0].num_tokens))
-        self.runner.copy_blocks(self.scheduler.copies)
-        self.stats["block_copies"] += len(self.scheduler.copies)
+            raise CacheTooSmallError(self.scheduler.too_small(active[0], active[0].num_tokens))
+        self.runner.copy_blocks(plan.copies)
+        self.stats["block_copies"] += len(plan.copies)
         tables = [self.block_manager.block_table(c.seq.seq_id) for c in chunks]
         sampled, tokens, logprobs, entropies = self.runner.run(chunks, tables)
         self.stats["steps"] += 1
@@ -139,11 +154,12 @@ class LLMEngine:
             self._check_stop(seq, outputs[-1])
         return outputs
 
-    def fork(self, seq_id: int, n: int = 1, at: int | None = None, seeds: list[int] | None = None) -> list[int]:
+    def fork(self, seq_id: int, n: int = 1, at: int | None = None, seeds: list[int] | None = None,
+             params: SamplingParams | None = None) -> list[int]:
         """`n` children of a sequence holding its first `at` tokens (default: all), sharing its cache blocks.
 
-        Children sample independently (seeds derived from the parent's unless given) and are queued to
-        continue from position `at`; the parent is untouched.
+        Children sample independently (seeds derived from the parent's unless given) with `params` (default: the
+        parent's) and are queued to continue from position `at`; the parent is untouched.
         """
         parent = self._get(seq_id)
         at = parent.num_tokens if at is None else int(at)
@@ -163,7 +179,7 @@ class LLMEngine:
                 self.block_manager.fork(seq_id, child_id, at=cached)
             out = at - parent.prompt_len
             seed = seeds[i] if seeds is not None else mix_seed(parent.seed, child_id)
-            child = Sequence(child_id, parent.token_ids[:at], parent.prompt_len, parent.params, int(seed),
+            child = Sequence(child_id, parent.token_ids[:at], parent.prompt_len, params or parent.params, int(seed),
                              next(self._arrivals),
                              status=SequenceStatus.RUNNING if cached else SequenceStatus.WAITING,
                              num_computed=min(cached, at - 1),
@@ -174,10 +190,12 @@ class LLMEngine:
             children.append(child_id)
         return children
 
-    def extend(self, seq_id: int, token_ids: list[int], max_tokens: int | None = None) -> None:
+    def extend(self, seq_id: int, token_ids: list[int], max_tokens: int | None = None,
+               params: SamplingParams | None = None) -> None:
         """Append given tokens (a tool result) to a stopped sequence; it resumes sampling after them.
 
-        `max_tokens` replaces the sequence's budget of sampled tokens (appended tokens never count)."""
+        `params` replaces the sequence's sampling parameters from here on, and `max_tokens` its budget of sampled
+        tokens (appended tokens never count)."""
         seq = self._get(seq_id)
         if seq.status != SequenceStatus.STOPPED:
             raise ValueError(f"extend: sequence {seq_id} is {seq.status.value}; only a stopped sequence can be "
@@ -190,8 +208,10 @@ class LLMEngine:
             raise ValueError(f"extend: sequence {seq_id} would reach {seq.num_tokens + len(token_ids)} tokens, "
                              f"max_model_len is {self.max_model_len}")
         seq.append_given(token_ids)
+        if params is not None:
+            seq.params = params
         if max_tokens is not None:
-            seq.params = _replace(seq.params, max_tokens=max_tokens)
+            seq.params = replace(seq.params, max_tokens=max_tokens)
         seq.finish_reason = seq.stop_reason = None
         seq.status = SequenceStatus.RUNNING if self.block_manager.has(seq_id) else SequenceStatus.WAITING
 
@@ -201,7 +221,7 @@ class LLMEngine:
         if seq.status != SequenceStatus.STOPPED:
             raise ValueError(f"resume: sequence {seq_id} is {seq.status.value}, not stopped")
         if max_tokens is not None:
-            seq.params = _replace(seq.params, max_tokens=max_tokens)
+            seq.params = replace(seq.params, max_tokens=max_tokens)
         seq.finish_reason = seq.stop_reason = None
         seq.status = SequenceStatus.RUNNING if self.block_manager.has(seq_id) else SequenceStatus.WAITING
 
@@ -271,7 +291,7 @@ class LLMEngine:
         p = seq.params
         tok = out.token_id
         reason = stop = None
-        if (not p.ignore_eos and tok == self.eos_token_id) or tok in p.stop_token_ids:
+        if (not p.ignore_eos and tok in self.eos_token_ids) or tok in p.stop_token_ids:
             reason, stop = "stop", tok
         elif p.stop and self.tokenizer is not None and self._may_complete_stop(tok, p.stop):
             stop = _match_stop(self.tokenizer, seq, p.stop)
@@ -308,27 +328,3 @@ def _match_stop(tokenizer, seq: Sequence, stops: tuple[str, ...]) -> str | None:
         if s in tail and tail.count(s) > before.count(s):
             return s
     return None
-
-
-def _eos_of(cfg, tokenizer) -> int | None:
-    if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
-        return int(tokenizer.eos_token_id)
-    eos = getattr(cfg, "eos_token_id", None)
-    if isinstance(eos, (list, tuple)):
-        eos = eos[0] if eos else None
-    return eos
-
-
-def _try_tokenizer(path: str):
-    try:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(path)
-    except Exception:
-        return None
-
-
-def _replace(params: SamplingParams, **kw) -> SamplingParams:
-    from dataclasses import replace
-
-    return replace(params, **kw)

@@ -10,6 +10,7 @@ import torch
 
 from arpo.engine.compiled_decode import CompiledDecode
 from arpo.engine.cuda_graph import DecodeGraphs
+from arpo.engine.decode_batch import DecodeBatch
 from arpo.engine.scheduler import ScheduledChunk
 from arpo.model.context import AttentionContext
 from arpo_kernels.kv_cache import copy_blocks
@@ -64,20 +65,15 @@ class ModelRunner:
         """Forward every chunk; returns (sampling chunks, tokens, logprobs, entropies) as host lists."""
         padded = self.graphs is not None and all(c.num_tokens == 1 for c in chunks) \
             and self.graphs.fits(len(chunks), max(len(t) for t in tables))
-        if padded and isinstance(self.graphs, DecodeGraphs):
-            return self._run_graph(chunks, tables)
+        if padded:
+            return self._run_padded(chunks, tables)
         dev = self.device
-        if padded:  # the compiled CPU decode step
-            hidden = self.graphs.run([c.seq.token_ids[c.start] for c in chunks], [c.start for c in chunks],
-                                     [c.slots[0] for c in chunks], tables, [c.start + 1 for c in chunks])
-            cu = list(range(len(chunks) + 1))
-        else:
-            ids = torch.tensor([t for c in chunks for t in c.seq.token_ids[c.start:c.start + c.num_tokens]],
-                               dtype=torch.int64, device=dev)
-            pos = torch.tensor([p for c in chunks for p in range(c.start, c.start + c.num_tokens)],
-                               dtype=torch.int64, device=dev)
-            ctx, cu = self._context(chunks, tables)
-            hidden = self.model(ids, pos, ctx)
+        ids = torch.tensor([t for c in chunks for t in c.seq.token_ids[c.start:c.start + c.num_tokens]],
+                           dtype=torch.int64, device=dev)
+        pos = torch.tensor([p for c in chunks for p in range(c.start, c.start + c.num_tokens)],
+                           dtype=torch.int64, device=dev)
+        ctx, cu = self._context(chunks, tables)
+        hidden = self.model(ids, pos, ctx)
         sampling = [i for i, c in enumerate(chunks) if c.samples]
         if not sampling:
             return [], [], [], []
@@ -101,20 +97,18 @@ class ModelRunner:
                                              has_filter=has_filter)
         return torch.stack([tokens.double(), logprobs.double(), entropies.double()])
 
-    def _run_graph(self, chunks: list[ScheduledChunk], tables: list[list[int]]):
-        """A decode step replayed from a CUDA graph (forward, logits and unfiltered sampling together)."""
+    def _run_padded(self, chunks: list[ScheduledChunk], tables: list[list[int]]):
+        """A decode step on the padded path: replayed from a CUDA graph (forward, logits and unfiltered sampling
+        together) or the compiled CPU step (forward and logits; sampled here)."""
         seqs = [c.seq for c in chunks]
-        params = [s.params for s in seqs]
-        logits, sampled = self.graphs.run(
-            [s.token_ids[c.start] for s, c in zip(seqs, chunks)], [c.start for c in chunks],
-            [c.slots[0] for c in chunks], tables, [c.start + 1 for c in chunks], [p.temperature for p in params],
-            [s.seed for s in seqs], [s.num_tokens for s in seqs])
-        if any(_filters(p) for p in params):  # top-k/top-p rows: sample again from the graph's logits, eagerly
-            sampled = self._sample_eager(logits, seqs)
-        host = sampled.cpu()  # the step's one sync
+        logits, sampled = self.graphs.run(DecodeBatch.of(chunks, tables))
         sampling = [i for i, c in enumerate(chunks) if c.samples]
         if len(sampling) < len(chunks):
-            host = host[:, sampling]
+            logits, seqs = logits[sampling], [seqs[i] for i in sampling]
+            sampled = None if sampled is None else sampled[:, sampling]
+        if sampled is None or any(_filters(s.params) for s in seqs):  # top-k/top-p rows: sample eagerly
+            sampled = self._sample_eager(logits, seqs)
+        host = sampled.cpu()  # the step's one sync
         return ([chunks[i] for i in sampling], host[0].long().tolist(), host[1].tolist(), host[2].tolist())
 
 

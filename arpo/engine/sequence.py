@@ -25,8 +25,8 @@ class SamplingParams:
     """How to sample one request. temperature 0 = greedy; top_k 0 = off; top_p 1 = off.
 
     `max_tokens` caps the tokens this request samples (tokens appended by `extend` do not count).
-    `stop_token_ids` end it when sampled (the EOS token is added by the engine unless `ignore_eos`).
-    `stop` strings end it when the decoded output ends with one (needs an engine tokenizer).
+    `stop_token_ids` end it when sampled (the checkpoint's EOS ids are added by the engine unless `ignore_eos`).
+    `stop` strings end it when the decoded output ends with one (the engine refuses them without a tokenizer).
     `seed` makes sampling reproducible per request whatever else is in the batch.
     """
     temperature: float = 1.0

@@ -7,7 +7,9 @@ loading and silently computing something else. Both the transformers 4.x layout 
 and the 5.x layout (`rope_parameters`) are accepted.
 
 `ModelConfig.to_hf_dict()` writes a config.json that transformers' `Qwen2ForCausalLM` loads, keeping the
-fields we do not interpret (token ids, ...) from the original file.
+fields we do not interpret (token ids, ...) from the original file. A `generation_config.json` next to it is kept
+too (`generation`): it declares the end-of-sequence ids the engine stops on, and checkpoints written from this
+config carry it on.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from typing import Any
 import torch
 
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+GENERATION_CONFIG = "generation_config.json"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -41,6 +44,7 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     dtype: str | None = None  # the checkpoint's declared dtype ("bfloat16", ...), if any
     raw: dict[str, Any] = field(default_factory=dict, repr=False)  # the parsed file, kept for saving
+    generation: dict[str, Any] = field(default_factory=dict, repr=False)  # generation_config.json, if any
 
     @property
     def torch_dtype(self) -> torch.dtype | None:
@@ -48,11 +52,18 @@ class ModelConfig:
 
     @classmethod
     def from_file(cls, path: str) -> "ModelConfig":
-        """`path` is config.json or the checkpoint directory holding it."""
+        """`path` is config.json or the checkpoint directory holding it (and maybe generation_config.json)."""
         if os.path.isdir(path):
             path = os.path.join(path, "config.json")
         with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
+            cfg = cls.from_dict(json.load(f))
+        gen_path = os.path.join(os.path.dirname(path), GENERATION_CONFIG)
+        if os.path.isfile(gen_path):
+            with open(gen_path, encoding="utf-8") as f:
+                cfg.generation = json.load(f)
+            if not isinstance(cfg.generation, dict):
+                raise UnsupportedConfigError(f"{gen_path}: expected a JSON object")
+        return cfg
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":

@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import ModelConfig
+from .config import GENERATION_CONFIG, ModelConfig
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -106,7 +106,8 @@ def _parse_size(size: int | str | None) -> int | None:
 
 @torch.no_grad()
 def save_model(model, path: str, max_shard_size: int | str | None = None) -> None:
-    """Write config.json and the weights (shards of at most `max_shard_size` bytes, "2GB" style allowed)."""
+    """Write config.json, generation_config.json (if the config has one) and the weights (shards of at most
+    `max_shard_size` bytes, "2GB" style allowed)."""
     os.makedirs(path, exist_ok=True)
     limit = _parse_size(max_shard_size)
     params = dict(model.named_parameters())
@@ -138,3 +139,6 @@ def save_model(model, path: str, max_shard_size: int | str | None = None) -> Non
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
         json.dump(model.config.to_hf_dict(dtype=model.dtype), f, indent=2, sort_keys=True)
+    if model.config.generation:  # the declared EOS ids travel with the weights
+        with open(os.path.join(path, GENERATION_CONFIG), "w", encoding="utf-8") as f:
+            json.dump(model.config.generation, f, indent=2, sort_keys=True)

@@ -1,83 +1,70 @@
-"""Settings of one rollout run; field names match `arpo.config.RolloutSection` so the trainer maps them 1:1.
+"""The rollout's settings, declared once: what `TreeRollout` reads, and the `rollout` section of a run's config.
 
 Defaults are the reference's (../shared/ARPO.md §2): M = 16 leaves, N = 8 global samples, Z = 1 child per
 decision, α = 0.5, β = 0.2, τ = 0.5, k = 20 probe tokens, rule `threshold` (the paper's; `bernoulli` is the
-reference code's), 3 tool calls, 4096 response tokens. The extra fields are the driver's own:
+reference code's), 3 tool calls, 4096 response tokens. Beyond the algorithm:
 
 - `prefix_mode`: `fork` shares the prompt and every branch prefix through `engine.fork` (no re-prefill);
   `resubmit` is the reference's way — each global sample and each branch is added as a new sequence with its
   full prefix (use an engine with prefix caching off to measure it honestly). Same seeds → same tokens.
-- `sync_tools`: False (default) runs tool calls on the executor's pool while the batch keeps decoding and appends
-  each result at the first step after it is ready. True fixes the step instead: a call made at step s runs while
-  step s+1 decodes the rest of the batch, and its result is appended right after step s+1 (waiting there if it
-  is not back yet; at once when nothing else is left to decode). The step at which a result lands — and so which
-  trajectory takes the last unit of budget when M is reached — then no longer depends on thread timing.
+- `sync_tools`: True (default) fixes the step at which a result lands: a call made at step s runs while step s+1
+  decodes the rest of the batch, and its result is appended right after step s+1 (waiting there if it is not
+  back yet; at once when nothing else is left to decode). Which trajectory takes the last unit of budget when M
+  is reached then no longer depends on thread timing — what exact resumption of a training run needs. False
+  appends each result at the first step after it is ready (more overlap, timing-dependent budget race).
+- `mode: auto` (a run's default) is resolved by the run builder (tree for algo.name=arpo, trajectory for
+  grpo); `TreeRollout` itself needs `tree` (the default here) or `trajectory`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
+from typing import Literal, Optional
 
-from arpo.rollout.branching import RULES
-
-MODES = ("tree", "trajectory")
-PREFIX_MODES = ("fork", "resubmit")
+from arpo.settings import ConfigError, check_fields, opt
 
 
 @dataclass
 class RolloutConfig:
-    mode: str = "tree"                 # tree = ARPO; trajectory = M independent samples (GRPO baseline)
-    leaves: int = 16                   # M: leaves per prompt, exactly
-    initial: int = 8                   # N: global samples started per prompt
-    beam: int = 1                      # Z: children forked per positive decision
-    alpha: float = 0.5
-    beta: float = 0.2
-    tau: float = 0.5
-    probe_tokens: int = 20             # k
-    branch_rule: str = "threshold"     # threshold | bernoulli
-    max_tool_calls: int = 3            # past it the tool tags are plain text: generation goes on, nothing runs
-    max_response_tokens: int = 4096    # sampled + tool-result tokens per trajectory
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    aepo_dynamic_budget: bool = False  # AEPO: global sample count from a pre-sampled trajectory's entropies
-    aepo_branch_penalty: bool = False  # AEPO: P *= max(0, 1 - rate * consecutive branches)
-    aepo_penalty_rate: float = 0.05
-    seed: int = 0
-    prefix_mode: str = "fork"
-    sync_tools: bool = False
-    tool_timeout_s: float | None = None  # deadline per call; None = the executor's timeout_s (None there: none)
-    call_in_prompt: bool = False       # a call's opening tag may lie in the prompt (prompts ending inside a call)
+    """Entropy-adaptive tree rollout (ARPO.md §2) and sampling."""
+
+    mode: Literal["auto", "tree", "trajectory"] = opt(
+        "tree", "tree = ARPO entropy-branching trees; trajectory = independent samples (GRPO baseline); "
+        "auto = tree for algo.name=arpo, trajectory for grpo")
+    leaves: int = opt(16, "M: trajectories (leaves) per prompt; every prompt yields exactly M", gt=0)
+    initial: int = opt(8, "N: global samples started per prompt before branching (<= leaves)", gt=0)
+    beam: int = opt(1, "Z: children forked per branching decision", gt=0)
+    alpha: float = opt(0.5, "branch probability base: P = alpha + beta * dH", ge=0, le=1)
+    beta: float = opt(0.2, "weight of the normalised entropy rise dH in P", ge=0)
+    tau: float = opt(0.5, "threshold rule: branch when P > tau", ge=0, le=1)
+    probe_tokens: int = opt(20, "k: tokens whose mean entropy gives H_init and H_t", gt=0)
+    branch_rule: Literal["threshold", "bernoulli"] = opt(
+        "threshold", "threshold = paper (branch iff P > tau); bernoulli = reference code (branch w.p. clip(P, 0, 1))")
+    max_tool_calls: int = opt(3, "tool calls per trajectory; later calls are not run", ge=0)
+    max_response_tokens: int = opt(4096, "cap on generated + tool-result tokens per trajectory", gt=0)
+    temperature: float = opt(1.0, "sampling temperature (0 = greedy, for evaluation; training needs > 0)", ge=0)
+    top_p: float = opt(1.0, "nucleus sampling mass (1 = off)", gt=0, le=1)
+    top_k: int = opt(0, "top-k sampling (0 = off)", ge=0)
+    aepo_dynamic_budget: bool = opt(False, "AEPO: size the global sample count from a pre-sampled trajectory's "
+                                    "root vs tool entropy")
+    aepo_branch_penalty: bool = opt(False, "AEPO: damp P after consecutive high-entropy branches")
+    aepo_penalty_rate: float = opt(0.05, "AEPO: P *= max(0, 1 - rate * consecutive)", ge=0)
+    prefix_mode: Literal["fork", "resubmit"] = opt(
+        "fork", "fork = children share the prefix's KV blocks; resubmit = each branch re-sends its whole prefix "
+                "(the reference's way, for comparison)")
+    sync_tools: bool = opt(True, "append each tool result at a fixed engine step (timing-free, resumable); false "
+                                 "= as soon as it is back")
+    tool_timeout_s: Optional[float] = opt(None, "deadline per tool call (s); null = the tool executor's", gt=0)
+    call_in_prompt: bool = opt(False, "a call's opening tag may lie in the prompt (prompts ending inside a call)")
 
     def __post_init__(self):
-        def bad(name, why):
-            return ValueError(f"RolloutConfig.{name}={getattr(self, name)!r}: {why}")
+        self.check()
 
-        if self.mode not in MODES:
-            raise bad("mode", f"expected one of {MODES}")
-        if self.branch_rule not in RULES:
-            raise bad("branch_rule", f"expected one of {RULES}")
-        if self.prefix_mode not in PREFIX_MODES:
-            raise bad("prefix_mode", f"expected one of {PREFIX_MODES}")
-        for name in ("leaves", "initial", "beam", "probe_tokens", "max_response_tokens"):
-            if getattr(self, name) < 1:
-                raise bad(name, "must be >= 1")
+    def check(self, section: str = "rollout") -> "RolloutConfig":
+        """Types, bounds and `initial <= leaves`; errors name `section.field`."""
+        check_fields(self, section)
         if self.initial > self.leaves:
-            raise bad("initial", f"must be <= leaves={self.leaves}")
-        if self.max_tool_calls < 0:
-            raise bad("max_tool_calls", "must be >= 0")
-        if self.temperature < 0:
-            raise bad("temperature", "must be >= 0 (0 = greedy)")
-        if not 0 < self.top_p <= 1:
-            raise bad("top_p", "must be in (0, 1]")
-        if self.top_k < 0 or self.aepo_penalty_rate < 0:
-            raise bad("top_k" if self.top_k < 0 else "aepo_penalty_rate", "must be >= 0")
-        if self.tool_timeout_s is not None and self.tool_timeout_s <= 0:
-            raise bad("tool_timeout_s", "must be > 0 or None")
+            raise ConfigError(f"{section}.initial={self.initial} must be <= {section}.leaves={self.leaves}")
+        return self
 
-    @classmethod
-    def from_section(cls, section, **overrides) -> "RolloutConfig":
-        """From `arpo.config.RolloutSection` (mode `auto` must be resolved by the caller, e.g. cfg.rollout_mode)."""
-        names = {f.name for f in fields(cls)}
-        values = {f.name: getattr(section, f.name) for f in fields(section) if f.name in names}
-        values.update(overrides)
-        return cls(**values)
+
+__all__ = ["RolloutConfig"]

@@ -7,8 +7,9 @@ How it maps onto the engine, per prompt:
 1. The prompt is prefilled once, by an *anchor* sequence that samples one throw-away token and then stays
    stopped holding only the prompt's cache. N globals are `fork`ed from it (they re-feed the last prompt token
    for its logits; nothing is prefilled again), and so are fill samples later.
-2. A sequence stops at a tool's closing tag (`</python>`) while the batch keeps decoding; the call goes to the
-   executor's pool; the first step after the future is done appends ` <result>…</result>` with `extend`.
+2. A sequence stops at a tool's closing tag (`</python>`) while the batch keeps decoding; the calls of a step go
+   to the executor's pool together (a batching tool, a retrieval server, answers them in one request); the first
+   step after a call's future is done appends ` <result>…</result>` with `extend`.
    A failing tool gives an error result, a call past the deadline a timeout result: neither stops anything.
 3. After the result the sequence samples k probe tokens; `EntropyBrancher` turns them into a decision; a
    positive one forks Z children at the position right after the result (`fork(at=...)`, shared blocks,
@@ -29,7 +30,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import FIRST_COMPLETED
 from concurrent.futures import wait as wait_futures
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Sequence
 
 from arpo.engine import SamplingParams
@@ -43,12 +44,26 @@ from arpo.tools.base import ToolResult
 STAT_KEYS = ("prefill_tokens", "decode_tokens", "refed_tokens", "steps", "preemptions", "block_copies")
 
 
+@dataclass
+class RolloutResult:
+    """What one `TreeRollout.run` produced: a tree per prompt (in order) and the run's counters (tool calls, tool
+    wait, decode time, peak KV blocks, wall time, and the engine's prefill/decode/refed tokens, steps,
+    preemptions and block copies during the run)."""
+    trees: list[RolloutTree]
+    stats: dict
+
+
 class TreeRollout:
+    """The rollout's fixed parts (engine, tools, settings, reward, brancher); each `run` is independent."""
+
     def __init__(self, engine, tools=None, config: RolloutConfig | None = None,
                  reward_fn: Callable[..., float] | None = None, tokenizer=None,
                  brancher: EntropyBrancher | None = None):
         self.engine, self.tools = engine, tools
         self.cfg = config or RolloutConfig()
+        if self.cfg.mode == "auto":
+            raise ValueError("RolloutConfig.mode='auto' must be resolved to 'tree' or 'trajectory' by the caller "
+                             "(the run builder resolves it from algo.name)")
         self.reward_fn = reward_fn
         self.tokenizer = tokenizer or engine.tokenizer
         if self.tokenizer is None:
@@ -59,27 +74,35 @@ class TreeRollout:
             vocab_size=engine.model.config.vocab_size, penalty_rate=c.aepo_penalty_rate if c.aepo_branch_penalty
             else 0.0)
         self.stop_strings = tuple(tools.stop_strings) if tools is not None else ()
-        self._runs = 0
-        self.stats: dict = {}
 
-    # --- public ----------------------------------------------------------------------------------------------
-    def run(self, prompts: Iterable, seed: int | None = None,
-            seed_indices: Sequence[int] | None = None) -> list[RolloutTree]:
+    def run(self, prompts: Iterable, seed: int = 0, seed_indices: Sequence[int] | None = None) -> RolloutResult:
         """Roll out every prompt (ids, Example, dict, text) in one engine batch; one tree per prompt, in order.
 
-        `seed` defaults to `config.seed` + the number of earlier `run` calls, so successive steps differ.
-        `seed_indices` (default 0, 1, ...): what each prompt's random draws are keyed on, with the seed — a
-        data-parallel rank passes the prompts' places in the global batch, so that a prompt's tree does not depend
-        on which rank rolls it out."""
-        self.seed = self.cfg.seed + self._runs if seed is None else seed
-        self._runs += 1
+        `seed` keys every random draw (give each training step its own). `seed_indices` (default 0, 1, ...): what
+        each prompt's random draws are keyed on, with the seed — a data-parallel rank passes the prompts' places
+        in the global batch, so that a prompt's tree does not depend on which rank rolls it out."""
+        return _Run(self, seed).execute(prompts, seed_indices)
+
+
+class _Run:
+    """The state of one `TreeRollout.run` call: its trajectories, anchors, pending tool calls and counters."""
+
+    def __init__(self, rollout: TreeRollout, seed: int):
+        self.engine, self.tools, self.cfg = rollout.engine, rollout.tools, rollout.cfg
+        self.reward_fn, self.tokenizer, self.brancher = rollout.reward_fn, rollout.tokenizer, rollout.brancher
+        self.stop_strings = rollout.stop_strings
+        self.seed = seed
         self._by_seq: dict[int, Trajectory] = {}
         self._anchors: dict[int, PromptState] = {}
         self._pending: dict = {}  # future -> (trajectory, submit time, engine step it was made after)
+        self._calls: list = []  # (trajectory, call) made in this step, submitted together after it
         self._step_no = 0
+        self._states: list[PromptState] = []
+        self.stats = {"tool_calls": 0, "tool_wait_s": 0.0, "decode_s": 0.0, "peak_blocks": 0}
+
+    def execute(self, prompts: Iterable, seed_indices: Sequence[int] | None) -> RolloutResult:
         before = dict(self.engine.stats)
         t_start = time.perf_counter()
-        self.stats = {"tool_calls": 0, "tool_wait_s": 0.0, "decode_s": 0.0, "peak_blocks": 0}
         inputs = as_prompt_inputs(prompts, self.tokenizer)
         if seed_indices is not None and len(seed_indices) != len(inputs):
             raise ValueError(f"seed_indices has {len(seed_indices)} entries for {len(inputs)} prompts")
@@ -98,6 +121,7 @@ class TreeRollout:
                 self.stats["peak_blocks"] = max(self.stats["peak_blocks"], bm.num_blocks - bm.num_free_blocks)
                 for out in outs:
                     self._on_token(out)
+                self._submit_calls()
                 if self.cfg.sync_tools:  # may wait for the calls made before this step
                     t0 = time.perf_counter()
                     self._harvest(block=True, due_only=True)
@@ -117,7 +141,7 @@ class TreeRollout:
         meta = {"mode": self.cfg.mode, "prefix_mode": self.cfg.prefix_mode, "seed": self.seed,
                 "leaves": self.cfg.leaves}
         decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-        return [build_tree(st, decode, self.reward_fn, meta) for st in states]
+        return RolloutResult([build_tree(st, decode, self.reward_fn, meta) for st in states], self.stats)
 
     # --- launching ---------------------------------------------------------------------------------------------
     def _start(self, st: PromptState) -> None:
@@ -144,25 +168,25 @@ class TreeRollout:
         P = st.prompt_len
         keys = [f"g{st.num_globals + i}" for i in range(n)]
         seeds = [derive_seed(self.seed, st.seed_index, key) for key in keys]
+        params = self._params(0, self._room(st, P))
         if st.anchor is not None:
-            ids = self.engine.fork(st.anchor, n, at=P, seeds=seeds)
+            ids = self.engine.fork(st.anchor, n, at=P, seeds=seeds, params=params)
         else:
-            ids = [self.engine.add(st.inp.prompt_ids, self._params(0, 0, seed=s)) for s in seeds]
+            ids = [self.engine.add(st.inp.prompt_ids, replace(params, seed=s)) for s in seeds]
         for key, sid in zip(keys, ids):
-            traj = Trajectory(key, st.index, sid, P, P, Arrays(), fill=fill)
-            self._register(st, traj)
+            self._register(st, Trajectory(key, st.index, sid, P, P, Arrays(), fill=fill))
 
     def _register(self, st: PromptState, traj: Trajectory) -> None:
         st.trajs.append(traj)
         self._by_seq[traj.seq_id] = traj
-        seq = self.engine.sequence(traj.seq_id)
-        seq.params = self._params(seq.num_sampled, self._room(st, seq.num_tokens), traj.calls, seq.params.seed)
 
-    def _params(self, num_sampled: int, room: int, calls: int = 0, seed: int | None = None) -> SamplingParams:
+    def _params(self, num_sampled: int, room: int, calls: int = 0) -> SamplingParams:
+        """The sampling parameters of a trajectory that has sampled `num_sampled` tokens, may sample `room` more
+        and has made `calls` tool calls (past the limit, the tool tags are no longer stops)."""
         c = self.cfg
         stops = self.stop_strings if calls < c.max_tool_calls else ()
         return SamplingParams(temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
-                              max_tokens=num_sampled + max(room, 1), stop=stops, seed=seed)
+                              max_tokens=num_sampled + max(room, 1), stop=stops)
 
     def _room(self, st: PromptState, num_tokens: int) -> int:
         """Tokens a trajectory may still sample at this length (response cap and max_model_len)."""
@@ -209,12 +233,16 @@ class TreeRollout:
         keys = [f"{traj.key}.{traj.calls}.{i}" for i in range(z)]
         seeds = [derive_seed(self.seed, st.seed_index, key) for key in keys]
         if self.cfg.prefix_mode == "fork":
-            ids = self.engine.fork(traj.seq_id, z, at=at, seeds=seeds)
+            seq = self.engine.sequence(traj.seq_id)
+            sampled = sum(seq.out_sampled[:at - seq.prompt_len])
+            params = self._params(sampled, self._room(st, at), traj.calls)
+            ids = self.engine.fork(traj.seq_id, z, at=at, seeds=seeds, params=params)
             base, prefix = st.prompt_len, Arrays()
         else:  # the reference's way: a new request carrying the whole prefix
             prefix = self._arrays(traj).head(at - st.prompt_len)
             tokens = list(st.inp.prompt_ids) + prefix.ids
-            ids = [self.engine.add(tokens, self._params(0, 1, seed=s)) for s in seeds]
+            params = self._params(0, self._room(st, len(tokens)), traj.calls)
+            ids = [self.engine.add(tokens, replace(params, seed=s)) for s in seeds]
             base = at
         st.count += z
         st.active += z
@@ -242,7 +270,17 @@ class TreeRollout:
             return
         traj.calls += 1
         self.stats["tool_calls"] += 1
-        self._pending[self.tools.submit(call)] = (traj, time.perf_counter(), self._step_no)
+        self._calls.append((traj, call))
+
+    def _submit_calls(self) -> None:
+        """Start the calls this step made, together: a batchable tool (a retrieval server) gets them in one
+        request."""
+        if not self._calls:
+            return
+        now = time.perf_counter()
+        for (traj, _), fut in zip(self._calls, self.tools.submit_many([c for _, c in self._calls])):
+            self._pending[fut] = (traj, now, self._step_no)
+        self._calls = []
 
     def _deadline(self) -> float | None:
         return self.cfg.tool_timeout_s or getattr(self.tools, "timeout_s", None)
@@ -284,9 +322,7 @@ class TreeRollout:
             traj.result_dropped = True
             self._finish(st, traj, "length")
             return
-        self.engine.extend(traj.seq_id, ids, max_tokens=seq.num_sampled + room)
-        if traj.calls >= self.cfg.max_tool_calls:
-            seq.params = replace(seq.params, stop=())
+        self.engine.extend(traj.seq_id, ids, params=self._params(seq.num_sampled, room, traj.calls))
         if self.cfg.mode == "tree":
             traj.probe_from = seq.num_tokens
 

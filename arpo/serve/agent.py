@@ -48,7 +48,6 @@ class ToolTurns:
         seq = self.engine.sequence(sid)
         if seq.num_tokens + len(ids) >= self.engine.max_model_len or seq.num_sampled >= job.params.max_tokens:
             return [("result", i, result, [])] + finish(job, i, "length", None)
-        self.engine.extend(sid, ids)
-        if job.calls[i] >= job.max_tool_calls:
-            seq.params = replace(seq.params, stop=job.params.stop)
+        last = job.calls[i] >= job.max_tool_calls  # tool tags are plain text from here on
+        self.engine.extend(sid, ids, params=replace(seq.params, stop=job.params.stop) if last else None)
         return [("result", i, result, ids)]

@@ -174,9 +174,9 @@ class EngineLoop:
         return replace(job.params, stop=stops, seed=seeds[i] if seeds else job.params.seed)
 
     def _fork(self, job: Job) -> None:
-        children = self.engine.fork(job.anchor, job.n, at=len(job.prompt_ids), seeds=job.seeds())
+        children = self.engine.fork(job.anchor, job.n, at=len(job.prompt_ids), seeds=job.seeds(),
+                                    params=self._params(job, 0))
         for i, sid in enumerate(children):
-            self.engine.sequence(sid).params = self._params(job, i)
             job.seq_ids[i] = sid
             self._owner[sid] = (job, i)
         self._release(job.anchor)

@@ -4,8 +4,8 @@
     run_forever(server)                               # `arpo serve`
     with ServerThread(server) as url: ...             # tests and benchmarks: a free port on 127.0.0.1
 
-Model, tokenizer, engine and tools are built by the trainer's own builders (`load_policy`, `build_engine`,
-`build_tools`), so a served checkpoint decodes exactly as it did in training and evaluation.
+Model, tokenizer, engine and tools are built by the run's one builder (`arpo.build`: `load_policy`,
+`build_engine`, `build_tools`), so a served checkpoint decodes exactly as it did in training and evaluation.
 """
 from __future__ import annotations
 
@@ -19,8 +19,7 @@ from arpo.serve.settings import ServeSettings
 
 
 def build_server(checkpoint: str, cfg, settings: ServeSettings, tools: list[str] | None = None) -> Server:
-    from arpo.trainer.components import build_engine, build_tools, set_threads
-    from arpo.trainer.embedded import load_policy
+    from arpo.build import build_engine, build_tools, load_policy, set_threads
 
     set_threads(cfg.train.threads)
     model, tok = load_policy(checkpoint, cfg.model)

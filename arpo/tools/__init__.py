@@ -8,7 +8,8 @@ from arpo.tools.base import (BaseTool, Tool, ToolCall, ToolResult, format_result
 from arpo.tools.executor import LRUCache, ToolExecutor
 from arpo.tools.registry import BUILTIN_TOOLS, import_object, load_tool, load_tools
 from arpo.tools.sandbox import PythonSandbox
-from arpo.tools.search import HttpSearch, LocalSearch
+from arpo.tools.http_search import HttpSearch
+from arpo.tools.search import LocalSearch
 
 __all__ = ["BaseTool", "Tool", "ToolCall", "ToolResult", "format_result", "parse_call", "stop_strings",
            "strip_code_fence", "truncate", "LRUCache", "ToolExecutor", "BUILTIN_TOOLS", "import_object",

@@ -42,11 +42,14 @@ class Tool(Protocol):
 
 
 class BaseTool:
-    """Convenience base: `cacheable` results may be served from the executor's LRU cache."""
+    """Convenience base: `cacheable` results may be served from the executor's LRU cache; a `batchable` tool
+    also has `run_batch(texts) -> list[ToolResult]` (one request for many calls), and the executor sends it the
+    calls that are pending together."""
 
     name: str = ""
     tag: str = ""
     cacheable: bool = True
+    batchable: bool = False
 
     def run(self, text: str) -> ToolResult:  # pragma: no cover - interface
         raise NotImplementedError

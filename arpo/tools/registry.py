@@ -18,15 +18,15 @@ def _python(**kwargs: Any) -> Tool:
 
 
 def _search(**kwargs: Any) -> Tool:
-    """`url=...` selects the HTTP backend; otherwise `corpus_path=...` (default: the bundled embedded corpus)."""
-    from arpo.tools.search import HttpSearch, LocalSearch
+    """`url=...` selects the HTTP backend (`protocol=arpo|retriever`), `corpus_path=...` the local BM25 index (the
+    run builder passes the bundled embedded corpus when the config names none)."""
+    from arpo.tools.http_search import HttpSearch
+    from arpo.tools.search import LocalSearch
 
     if "url" in kwargs:
         return HttpSearch(**kwargs)
     if "corpus_path" not in kwargs:
-        from arpo.data.world import CORPUS_PATH
-
-        kwargs["corpus_path"] = CORPUS_PATH
+        raise ValueError("tool 'search' needs corpus_path=... (a JSONL corpus of {title, text}) or url=...")
     return LocalSearch(**kwargs)
 
 

@@ -1,24 +1,21 @@
-"""The `search` tool: BM25 over a local JSONL corpus, or an HTTP search service.
+"""The `search` tool over a local JSONL corpus (BM25); `http_search.HttpSearch` is the same tool over a service.
 
 The reference called a remote retriever; for reproducible training and tests we index a local corpus of
 `{"id", "title", "text"}` lines with bm25s. The index is built once per corpus content and cached on disk under a
 key derived from the corpus hash, so a changed corpus never reads a stale index. Results are formatted like the
 reference: `Page 1: title\\ntext` per hit, each passage and the whole answer length-capped.
 
-`HttpSearch` posts `{"query", "top_k"}` to a URL and accepts `[{"title", "text"}...]` or `{"results": [...]}`;
-timeouts and retries are bounded. Neither backend raises from `run`: failures become an error ToolResult.
+`run` never raises: failures become an error ToolResult.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import threading
 import time
-import urllib.error
-import urllib.request
 
+from arpo.jsonl import read_jsonl
 from arpo.tools.base import BaseTool, ToolResult, truncate
 
 _WORD = re.compile(r"[a-z0-9]+")
@@ -39,18 +36,10 @@ def _stopwords() -> frozenset[str]:
 def load_corpus(path: str) -> list[dict]:
     """Read a JSONL corpus; each line needs string fields `title` and `text` (`id` optional)."""
     docs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                doc = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
-            if not isinstance(doc, dict) or not isinstance(doc.get("title"), str) or not isinstance(
-                    doc.get("text"), str):
-                raise ValueError(f"{path}:{lineno}: a corpus line needs string fields 'title' and 'text'")
-            docs.append({"id": str(doc.get("id", lineno)), "title": doc["title"], "text": doc["text"]})
+    for lineno, doc in read_jsonl(path):
+        if not isinstance(doc, dict) or not isinstance(doc.get("title"), str) or not isinstance(doc.get("text"), str):
+            raise ValueError(f"{path}, row {lineno}: a corpus line needs string fields 'title' and 'text'")
+        docs.append({"id": str(doc.get("id", lineno)), "title": doc["title"], "text": doc["text"]})
     if not docs:
         raise ValueError(f"{path}: the corpus is empty")
     return docs
@@ -125,43 +114,3 @@ class LocalSearch(BaseTool):
         except Exception as exc:  # noqa: BLE001
             return ToolResult.failure(f"Error: search failed: {type(exc).__name__}: {exc}",
                                       time.perf_counter() - start)
-
-
-class HttpSearch(BaseTool):
-    """Search through a service: POST {"query", "top_k"} to `url`, bounded timeout and retries."""
-
-    name = tag = "search"
-
-    def __init__(self, url: str, top_k: int = 3, timeout_s: float = 10.0, retries: int = 2,
-                 backoff_s: float = 0.5, max_passage_chars: int = 600, max_result_chars: int = 3000):
-        if not url.startswith(("http://", "https://")):
-            raise ValueError(f"HttpSearch: url must start with http:// or https://, got {url!r}")
-        self.url, self.top_k, self.timeout_s, self.retries, self.backoff_s = url, top_k, timeout_s, retries, backoff_s
-        self.max_passage_chars, self.max_result_chars = max_passage_chars, max_result_chars
-
-    def _fetch(self, query: str) -> list[dict]:
-        body = json.dumps({"query": query, "top_k": self.top_k}).encode()
-        req = urllib.request.Request(self.url, data=body, headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-            data = json.loads(resp.read().decode("utf-8"))
-        hits = data.get("results") if isinstance(data, dict) else data
-        if not isinstance(hits, list) or not all(isinstance(h, dict) and "text" in h for h in hits):
-            raise ValueError("the response is not a list of {title, text} objects")
-        return [{"title": str(h.get("title", "")), "text": str(h["text"])} for h in hits[: self.top_k]]
-
-    def run(self, text: str) -> ToolResult:
-        start = time.perf_counter()
-        query, error = text.strip(), ""
-        if not query:
-            return ToolResult.failure("Error: empty search query")
-        for attempt in range(self.retries + 1):
-            try:
-                hits = self._fetch(query)
-                body = format_hits(hits, self.max_passage_chars) if hits else "No results found."
-                return ToolResult(truncate(body, self.max_result_chars), True, time.perf_counter() - start)
-            except (urllib.error.URLError, OSError, ValueError) as exc:
-                error = f"{type(exc).__name__}: {exc}"
-                if attempt < self.retries:
-                    time.sleep(self.backoff_s * (2 ** attempt))
-        return ToolResult.failure(f"Error: search service failed after {self.retries + 1} attempts: {error}",
-                                  time.perf_counter() - start)

@@ -16,6 +16,7 @@ import json
 import os
 import random
 
+from arpo.jsonl import read_jsonl
 from arpo.rollout.prompts import PromptInput
 
 
@@ -24,32 +25,25 @@ class DataError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------------- rows
-def _read_rows(path: str) -> list[dict]:
+def _read_rows(path: str) -> list[tuple[int, dict]]:
+    """(row number, row) of a JSONL, JSON-list or parquet file."""
     if path.lower().endswith(".parquet"):
         import datasets
 
         try:
-            return list(datasets.Dataset.from_parquet(path))
+            return list(enumerate(datasets.Dataset.from_parquet(path), 1))
         except Exception as exc:  # noqa: BLE001
             raise DataError(f"{path}: cannot read parquet ({type(exc).__name__}: {exc})") from None
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        if path.lower().endswith(".json"):
+    if path.lower().endswith(".json"):
+        with open(path, encoding="utf-8") as f:
             try:
                 data = json.load(f)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
-            if not isinstance(data, list):
-                raise DataError(f"{path}: a .json data file must hold a list of rows")
-            return data
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}, row {lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-    return rows
+        if not isinstance(data, list):
+            raise DataError(f"{path}: a .json data file must hold a list of rows")
+        return list(enumerate(data, 1))
+    return read_jsonl(path, DataError)
 
 
 def _check_prompt(prompt, where: str):
@@ -82,7 +76,7 @@ def load_rows(path: str, section) -> list[dict]:
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
     out = []
-    for i, row in enumerate(_read_rows(path), 1):
+    for i, row in _read_rows(path):
         where = f"{path}, row {i}"
         if not isinstance(row, dict):
             raise DataError(f"{where}: expected an object, got {type(row).__name__}")

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from arpo.trainer.components import make_rollout
+from arpo.build import build_rollout
 from arpo.trainer.distributed import sum_across_ranks
 
 CORRECT_AT = 1.0 - 1e-6
@@ -28,16 +28,15 @@ def is_correct(reward: float) -> bool:
 def evaluate(engine, tools, reward_fn, prompts: list, cfg, *, samples: int | None = None,
              temperature: float | None = None, seed: int = 12345, batch_size: int = 64,
              part: tuple[int, int] = (0, 1)) -> dict:
-    """Metrics over `prompts` (rollout PromptInputs); the model is left in eval mode.
+    """Metrics over `prompts` (rollout PromptInputs); the model is left in eval mode. `samples`/`temperature`
+    default to train.eval_samples/eval_temperature (resolved once, by `TrainConfig.eval_sampling`).
 
     `part=(rank, world)`: this data-parallel rank answers every world-th question from `rank` and the metrics are
     reduced over the ranks; a question's samples are seeded by its place in `prompts`, wherever it runs."""
-    temperature = cfg.train.eval_temperature if temperature is None else temperature
-    k = 1 if temperature == 0 else (samples or cfg.train.eval_samples)
+    k, temperature = cfg.train.eval_sampling(samples, temperature)
     was_training = engine.model.training
     engine.model.eval()
-    rollout = make_rollout(engine, tools, reward_fn, cfg, mode="trajectory", leaves=k, temperature=temperature,
-                           seed=seed)
+    rollout = build_rollout(engine, tools, reward_fn, cfg, mode="trajectory", leaves=k, temperature=temperature)
     rank, world = part
     mine = list(range(rank, len(prompts), world))
     n_correct = n_pass = n_fmt = n_samples = 0
@@ -45,7 +44,7 @@ def evaluate(engine, tools, reward_fn, prompts: list, cfg, *, samples: int | Non
     t0 = time.perf_counter()
     for start in range(0, len(mine), batch_size):
         chunk = mine[start:start + batch_size]
-        for tree in rollout.run([prompts[i] for i in chunk], seed=seed, seed_indices=chunk):
+        for tree in rollout.run([prompts[i] for i in chunk], seed=seed, seed_indices=chunk).trees:
             oks = [is_correct(l.reward) for l in tree.leaves]
             n_correct += sum(oks)
             n_pass += any(oks)
@@ -68,9 +67,9 @@ def evaluate(engine, tools, reward_fn, prompts: list, cfg, *, samples: int | Non
 @torch.no_grad()
 def sample_transcripts(engine, tools, reward_fn, prompts: list, cfg, n: int = 3, seed: int = 0) -> list[str]:
     """Greedy answers to the first `n` prompts as readable text (for the end-of-run printout)."""
-    rollout = make_rollout(engine, tools, reward_fn, cfg, mode="trajectory", leaves=1, temperature=0.0, seed=seed)
+    rollout = build_rollout(engine, tools, reward_fn, cfg, mode="trajectory", leaves=1, temperature=0.0)
     out = []
-    for tree in rollout.run(prompts[:n], seed=seed):
+    for tree in rollout.run(prompts[:n], seed=seed).trees:
         leaf = tree.leaves[0]
         out.append(f"{tree.prompt} -> {leaf.text.strip()}  [reward {leaf.reward:g}]")
     return out

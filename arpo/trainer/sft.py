@@ -16,13 +16,14 @@ or `sft.stop_loss`, else all `sft.steps`.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import re
 import time
 
 import torch
 
+from arpo.engine.stop_ids import primary_eos
+from arpo.jsonl import read_jsonl
 from arpo.trainer.data import DataError, PromptSampler, encode_prompt
 from arpo.trainer.metrics import progress_bar
 
@@ -36,28 +37,21 @@ def _segments_of_response(text: str) -> list[tuple[str, bool]]:
 
 def _trace_rows(path: str) -> list[dict]:
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}, row {lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: invalid JSON ({exc.msg})") from None
-            if not isinstance(row, dict) or "prompt" not in row or not ("segments" in row or "response" in row):
-                raise DataError(f"{where}: an SFT trace needs 'prompt' and 'segments' or 'response'")
-            if "segments" in row:
-                segs = row["segments"]
-                if not (isinstance(segs, list) and all(isinstance(s, (list, tuple)) and len(s) == 2
-                                                       and isinstance(s[0], str) for s in segs)):
-                    raise DataError(f"{where}: 'segments' must be a list of [text, trainable] pairs")
-                segs = [(s[0], bool(s[1])) for s in segs]
-            else:
-                if not isinstance(row["response"], str):
-                    raise DataError(f"{where}: 'response' must be a string")
-                segs = _segments_of_response(row["response"])
-            rows.append({"prompt": row["prompt"], "segments": segs})
+    for lineno, row in read_jsonl(path, DataError):
+        where = f"{path}, row {lineno}"
+        if not isinstance(row, dict) or "prompt" not in row or not ("segments" in row or "response" in row):
+            raise DataError(f"{where}: an SFT trace needs 'prompt' and 'segments' or 'response'")
+        if "segments" in row:
+            segs = row["segments"]
+            if not (isinstance(segs, list) and all(isinstance(s, (list, tuple)) and len(s) == 2
+                                                   and isinstance(s[0], str) for s in segs)):
+                raise DataError(f"{where}: 'segments' must be a list of [text, trainable] pairs")
+            segs = [(s[0], bool(s[1])) for s in segs]
+        else:
+            if not isinstance(row["response"], str):
+                raise DataError(f"{where}: 'response' must be a string")
+            segs = _segments_of_response(row["response"])
+        rows.append({"prompt": row["prompt"], "segments": segs})
     if not rows:
         raise DataError(f"{path}: no traces")
     return rows
@@ -73,16 +67,20 @@ def load_traces(cfg) -> list[dict]:
     return [{"prompt": ex.prompt, "segments": demo_segments(ex)} for ex in exs]
 
 
-def tokenize_trace(tokenizer, trace: dict, data_section, max_tokens: int) -> tuple[list[int], list[int]]:
-    """(ids, mask): prompt (mask 0), segments (mask = trainable), EOS (mask 1); cut to `max_tokens`."""
+def tokenize_trace(tokenizer, trace: dict, data_section, max_tokens: int,
+                   eos_id: int | None = None) -> tuple[list[int], list[int]]:
+    """(ids, mask): prompt (mask 0), segments (mask = trainable), EOS (mask 1); cut to `max_tokens`.
+
+    `eos_id` (default: the tokenizer's) is the end the model learns to write: one the engine stops on."""
     ids = encode_prompt(tokenizer, trace["prompt"], data_section)
     mask = [0] * len(ids)
     for text, trainable in trace["segments"]:
         seg = list(tokenizer.encode(text, add_special_tokens=False))
         ids += seg
         mask += [int(trainable)] * len(seg)
-    if tokenizer.eos_token_id is not None:
-        ids.append(int(tokenizer.eos_token_id))
+    eos_id = tokenizer.eos_token_id if eos_id is None else eos_id
+    if eos_id is not None:
+        ids.append(int(eos_id))
         mask.append(1)
     return ids[:max_tokens], mask[:max_tokens]
 
@@ -153,7 +151,8 @@ def run_sft(model, tokenizer, cfg, logger=None, progress: bool = True, stop_loss
     stop_accuracy = s.stop_accuracy if stop_accuracy is None else stop_accuracy
     if stop_accuracy is not None and not 0.0 < stop_accuracy <= 1.0:
         raise ValueError(f"sft.stop_accuracy must be in (0, 1], got {stop_accuracy}")
-    traces = [tokenize_trace(tokenizer, tr, cfg.data, s.max_tokens) for tr in load_traces(cfg)]
+    eos_id = primary_eos(model.config, tokenizer)  # in the engine's stop set, whichever file declared it
+    traces = [tokenize_trace(tokenizer, tr, cfg.data, s.max_tokens, eos_id) for tr in load_traces(cfg)]
     sampler = PromptSampler(traces, s.batch_size, cfg.train.seed, shuffle=True)
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=cfg.optim.weight_decay)  # default betas
     model.train()

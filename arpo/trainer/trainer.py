@@ -42,14 +42,13 @@ import torch
 from arpo.config import check_paths, config_to_dict, config_to_yaml
 from arpo.trainer import checkpoint as ckpt_lib
 from arpo.trainer import distributed as D
-from arpo.trainer.components import (build_engine, build_reward, build_tools, make_rollout, set_threads,
-                                     step_seed)
+from arpo.build import (base_model_path, build_engine, build_reward, build_rollout, build_tools, load_policy,
+                        policy_dtype, set_threads, step_seed)
 from arpo.trainer.data import PromptSampler, eval_rows, prompt_inputs, train_rows
 from arpo.trainer import dist_checkpoint as dcp_lib
-from arpo.trainer.embedded import base_model_path, load_policy, policy_dtype
 from arpo.trainer.evaluate import evaluate, is_correct
 from arpo.trainer.metrics import MetricsLogger, progress_bar, progress_postfix
-from arpo.trainer.schedule import MasterWeightAdamW, build_optimizer
+from arpo.trainer.optimizer import MasterWeightAdamW, build_optimizer
 from arpo.trainer.update import policy_update
 
 SFT_MODEL_DIR = "sft_model"
@@ -127,23 +126,23 @@ class Trainer:
         if self.resume_path:
             ck = ckpt_lib.load_checkpoint(self.resume_path)
             self.start_step = ck.step
-            self.start_model = ck.state.get("start_model", self.resume_path)
+            self.start_model_path = ck.state.get("start_model", self.resume_path)
             masters = (ck.optimizer or {}).get("master_params") if not dcp_lib.has_sharded(self.resume_path) \
                 else None
             self.decode_dtype = policy_dtype(self.resume_path, cfg.model)
             self.model, self.tokenizer = self._load(self.resume_path, masters)
         else:  # a cold start is trained by rank 0 alone; the others wait for its directory
-            self.start_model = self._start_model() if self.main else None
+            self.start_model_path = self._start_model() if self.main else None
             if self.sharded:
-                self.start_model = dcp_lib.broadcast_object(self.start_model)
-            self.decode_dtype = policy_dtype(self.start_model, cfg.model)
+                self.start_model_path = dcp_lib.broadcast_object(self.start_model_path)
+            self.decode_dtype = policy_dtype(self.start_model_path, cfg.model)
             if self.sft_summary is None or self.sharded:
-                self.model, self.tokenizer = self._load(self.start_model)
+                self.model, self.tokenizer = self._load(self.start_model_path)
         self.ref_model = None
         if cfg.algo.kl_coef > 0:
-            self.ref_model, _ = self._load(self.start_model)
+            self.ref_model, _ = self._load(self.start_model_path)
             self.ref_model.requires_grad_(False).eval()
-        self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optim, cfg.train.steps)
+        self.optimizer, self.lr_scheduler = build_optimizer(self.model, cfg.optim, cfg.train.steps)
         if ck is not None:
             self._restore_optimizer(ck)
         self.tools = build_tools(cfg)
@@ -151,10 +150,10 @@ class Trainer:
         leaves = max(cfg.rollout.leaves, cfg.train.eval_samples)
         self.engine = build_engine(self.model, self.tokenizer, cfg, self.local_prompts * leaves + 64,
                                    sharded=self.sharded, kv_dtype=self.decode_dtype)
-        self.rollout = make_rollout(self.engine, self.tools, self.reward_fn, cfg)
+        self.rollout = build_rollout(self.engine, self.tools, self.reward_fn, cfg)
         self.train_prompts = prompt_inputs(train_rows(cfg), self.tokenizer, cfg.data)
         self.eval_prompts = prompt_inputs(eval_rows(cfg), self.tokenizer, cfg.data)
-        self.sampler = PromptSampler(self.train_prompts, cfg.train.batch_prompts, cfg.train.seed, cfg.data.shuffle)
+        self.prompt_sampler = PromptSampler(self.train_prompts, cfg.train.batch_prompts, cfg.train.seed, cfg.data.shuffle)
         if ck is not None:
             ck.restore_rng()
         self.model.eval()
@@ -188,7 +187,7 @@ class Trainer:
             else:
                 self.optimizer.load_state_dict(ck.optimizer)
         if ck.scheduler:
-            self.scheduler.load_state_dict(ck.scheduler)
+            self.lr_scheduler.load_state_dict(ck.scheduler)
 
     # --- start model ---------------------------------------------------------------------------------------------
     def _start_model(self) -> str:
@@ -221,17 +220,18 @@ class Trainer:
     def step(self, step: int) -> dict:
         """Training step `step` (1-based): rollout, update, scheduler; returns its metrics."""
         cfg = self.cfg
-        prompts = self.sampler.batch(step - 1)
+        prompts = self.prompt_sampler.batch(step - 1)
         mine = D.shard_prompts(list(range(len(prompts))))  # this rank's places in the global batch
         self.model.eval()
         with D.full_parameters(self.model):
-            trees = self.rollout.run([prompts[i] for i in mine], seed=step_seed(cfg.train.seed, step),
-                                     seed_indices=mine)
-        metrics = rollout_metrics(trees, self.rollout.stats)
+            result = self.rollout.run([prompts[i] for i in mine], seed=step_seed(cfg.train.seed, step),
+                                      seed_indices=mine)
+        metrics = rollout_metrics(result.trees, result.stats)
         t0 = time.perf_counter()
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
-        metrics.update(policy_update(self.model, trees, cfg, self.optimizer, self.ref_model))
-        self.scheduler.step()
+        metrics.update(policy_update(self.model, result.trees, cfg, self.optimizer, self.ref_model,
+                                     temperature=self.rollout.cfg.temperature))
+        self.lr_scheduler.step()
         metrics["time/update"] = time.perf_counter() - t0
         return metrics
 
@@ -246,14 +246,14 @@ class Trainer:
                 "eval/tool_calls": m["tool_calls"], "eval/reward": m["reward"], "eval/format_ok": m["format_ok"]}
 
     def save(self, step: int, metrics: dict) -> str:
-        state = {"start_model": self.start_model, "metrics": metrics, "config": config_to_dict(self.cfg)}
+        state = {"start_model": self.start_model_path, "metrics": metrics, "config": config_to_dict(self.cfg)}
         if self.sharded:
-            return dcp_lib.save_step(self.run_dir, step, self.model, self.optimizer, scheduler=self.scheduler,
+            return dcp_lib.save_step(self.run_dir, step, self.model, self.optimizer, scheduler=self.lr_scheduler,
                                      save_tokenizer=self.tokenizer.save_pretrained, state=state,
                                      keep_last=self.cfg.train.keep_last, hf_dtype=self.decode_dtype)
         return ckpt_lib.save_checkpoint(self.run_dir, step, save_model=self.model.save_pretrained,
                                         save_tokenizer=self.tokenizer.save_pretrained, optimizer=self.optimizer,
-                                        scheduler=self.scheduler, state=state, keep_last=self.cfg.train.keep_last)
+                                        scheduler=self.lr_scheduler, state=state, keep_last=self.cfg.train.keep_last)
 
     # --- the loop --------------------------------------------------------------------------------------------------
     def train(self) -> dict:
@@ -267,7 +267,7 @@ class Trainer:
                                    wandb_run_name=log.wandb_run_name, config=config_to_dict(cfg))
         else:
             logger = _NoLogger()
-        summary: dict = {"run_dir": self.run_dir, "start_model": self.start_model, "algo": cfg.algo.name,
+        summary: dict = {"run_dir": self.run_dir, "start_model": self.start_model_path, "algo": cfg.algo.name,
                          "rollout_mode": cfg.rollout_mode, "seed": t.seed}
         if self.sft_summary is not None:
             summary["sft"] = self.sft_summary

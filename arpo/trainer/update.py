@@ -72,10 +72,9 @@ def _loss_kwargs(cfg) -> dict:
             "entropy_adv_coef": a.aepo_entropy_adv_coef if a.aepo_entropy_advantage else 0.0}
 
 
-def _micro_step(model, ref_model, micro, w, cfg, measure_gap: bool, sums: dict) -> float:
+def _micro_step(model, ref_model, micro, w, cfg, temperature: float, measure_gap: bool, sums: dict) -> float:
     """Forward + backward of one micro-batch; adds weighted metric sums into `sums`, returns the largest
     log-prob gap (0 unless `measure_gap`)."""
-    temperature = cfg.rollout.temperature
     logp, ent = token_stats(model, micro, temperature, cfg.train.bf16)
     old = micro.old_logprobs
     ref = None
@@ -100,9 +99,10 @@ def _micro_step(model, ref_model, micro, w, cfg, measure_gap: bool, sums: dict) 
     return float(gap.max()) if gap.numel() else 0.0
 
 
-def policy_update(model, trees: list, cfg, optimizer, ref_model=None) -> dict:
+def policy_update(model, trees: list, cfg, optimizer, ref_model=None, *, temperature: float) -> dict:
     """PPO epochs over mini-batches of `trees` (this rank's part of the batch); returns metrics, reduced over
-    ranks. The caller steps the lr scheduler."""
+    ranks. `temperature`: the one the rollout sampled `trees` at (its config's), so that the trainer's log-probs
+    are of the same distribution. The caller steps the lr scheduler."""
     model.train()
     t = cfg.train
     world = D.world_size()
@@ -127,7 +127,8 @@ def policy_update(model, trees: list, cfg, optimizer, ref_model=None) -> dict:
                 n = micro.targets.numel() if micro is not None else 0
                 if n:
                     w = _slice(weights, k, k + n, model.device)
-                    gap_max = max(gap_max, _micro_step(model, ref_model, micro, w, cfg, epoch == 0 and mi == 0, sums))
+                    gap_max = max(gap_max, _micro_step(model, ref_model, micro, w, cfg, temperature,
+                                                         epoch == 0 and mi == 0, sums))
                 elif world > 1:
                     D.idle_micro_step(model, ref_model if cfg.algo.kl_coef > 0 else None)
                 k += n

@@ -256,23 +256,23 @@ def test_all_decode_fast_path_schedules_like_the_general_loop(models, monkeypatc
 
     def trace(fast: bool):
         if not fast:
-            monkeypatch.setattr(Scheduler, "_all_decodes", lambda self, order: None)
+            monkeypatch.setattr(Scheduler, "_all_decodes", lambda self, plan, order: False)
         engine = _engine(ours, num_blocks=num_blocks)
         steps, taken = [], []
         schedule = engine.scheduler.schedule
 
         def recording(active):
-            chunks = schedule(active)
-            steps.append([(c.seq.seq_id, c.start, c.num_tokens, list(c.slots), c.samples) for c in chunks]
-                         + [tuple(engine.scheduler.copies), len(engine.scheduler.preempted)])
-            return chunks
+            plan = schedule(active)
+            steps.append([(c.seq.seq_id, c.start, c.num_tokens, list(c.slots), c.samples) for c in plan.chunks]
+                         + [tuple(plan.copies), len(plan.preempted)])
+            return plan
         engine.scheduler.schedule = recording
         if fast:
             original = Scheduler._all_decodes
 
-            def counting(self, order):
-                out = original(self, order)
-                taken.append(out is not None)
+            def counting(self, plan, order):
+                out = original(self, plan, order)
+                taken.append(out)
                 return out
             monkeypatch.setattr(Scheduler, "_all_decodes", counting)
         ids = [engine.add(p, SamplingParams(temperature=1.0, max_tokens=10, seed=i)) for i, p in enumerate(prompts)]

@@ -71,8 +71,13 @@ def test_config_errors_name_the_field(bad, match):
         RolloutConfig(**bad)
 
 
-def test_config_from_section():
-    from arpo.config import RolloutSection
+def test_the_run_config_composes_the_rollout_settings():
+    """One declaration: the run's `rollout` section is a RolloutConfig, and the builder hands it on resolved."""
+    from arpo.build import rollout_config
+    from arpo.config import load_config
 
-    cfg = RolloutConfig.from_section(RolloutSection(leaves=4, initial=2, branch_rule="bernoulli"), mode="tree")
-    assert (cfg.leaves, cfg.initial, cfg.branch_rule, cfg.alpha, cfg.probe_tokens) == (4, 2, "bernoulli", 0.5, 20)
+    run = load_config(None, ["rollout.leaves=4", "rollout.initial=2", "rollout.branch_rule=bernoulli"])
+    assert isinstance(run.rollout, RolloutConfig)
+    cfg = rollout_config(run)
+    assert cfg.mode == "tree" and run.rollout.mode == "auto"
+    assert (cfg.leaves, cfg.initial, cfg.branch_rule, cfg.alpha, cfg.probe_tokens) == (4, 2, "bernoulli", 0.5, 4)

@@ -26,12 +26,12 @@ def _run(policy, tool=None, engine_kw=None, tools_kw=None, brancher=None, prompt
     ro = TreeRollout(engine, tools, RolloutConfig(**cfg), reward_fn=lambda text, gt, **row: float(len(text) % 3),
                      brancher=brancher)
     try:
-        trees = ro.run(prompts, seed=seed, seed_indices=seed_indices)
+        result = ro.run(prompts, seed=seed, seed_indices=seed_indices)
     finally:
         tools.close()
-    for t in trees:
+    for t in result.trees:
         t.validate()
-    return trees, ro, engine
+    return result.trees, result, engine
 
 
 def _leaf_of(tree: RolloutTree, key: str):
@@ -122,7 +122,7 @@ def test_children_share_the_parents_blocks(policy):
     trees, ro, engine = None, None, None
     from arpo.rollout import tree_rollout
 
-    real_fork = tree_rollout.TreeRollout._fork
+    real_fork = tree_rollout._Run._fork
 
     def spy(self, st, traj, at, z):
         before = set(self.engine.seqs)
@@ -131,11 +131,11 @@ def test_children_share_the_parents_blocks(policy):
         parent = bm.block_table(traj.seq_id)
         for sid in set(self.engine.seqs) - before:
             seen.append((at, parent, bm.block_table(sid)))
-    tree_rollout.TreeRollout._fork = spy
+    tree_rollout._Run._fork = spy
     try:
         trees, ro, engine = _run(policy, brancher=Always(k=K, vocab_size=54), engine_kw=engine_kw, beam=2)
     finally:
-        tree_rollout.TreeRollout._fork = real_fork
+        tree_rollout._Run._fork = real_fork
     assert seen
     for at, parent, child in seen:
         shared = -(-at // 4)  # blocks holding positions [0, at)

@@ -47,8 +47,7 @@ def client(served):
 @pytest.fixture(scope="module")
 def offline(checkpoint):
     """A second engine on the same checkpoint, driven directly (the reference outputs)."""
-    from arpo.trainer.components import build_engine
-    from arpo.trainer.embedded import load_policy
+    from arpo.build import build_engine, load_policy
 
     cfg = H.config()
     model, tok = load_policy(checkpoint, cfg.model)

@@ -55,12 +55,27 @@ def test_index_is_cached_on_disk_by_corpus_hash(tmp_path):
 def test_malformed_corpus_names_file_and_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"title": "a", "text": "b"}\n{"title": 3}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:2"):
+    with pytest.raises(ValueError, match=r"bad.jsonl, row 2"):
         LocalSearch(str(bad), cache_dir=None)
 
 
 def test_builtin_search_uses_bundled_corpus():
-    assert load_tool("search", cache_dir=None).run("hadrun").text.startswith("Page 1: hadrun")
+    """The run builder gives `search` the embedded world's corpus when the config names none; the registry itself
+    (below the data layer) asks for one."""
+    from arpo.build import build_tools
+    from arpo.config import Config
+
+    cfg = Config()
+    cfg.tools.enabled = ["search"]
+    tools = build_tools(cfg)
+    try:
+        assert tools.tools["search"].run("hadrun").text.startswith("Page 1: hadrun")
+    finally:
+        tools.close()
+    assert load_tool("search", corpus_path=world.CORPUS_PATH, cache_dir=None).run("hadrun").text.startswith(
+        "Page 1: hadrun")
+    with pytest.raises(ValueError, match="corpus_path"):
+        load_tool("search")
 
 
 class _Handler(BaseHTTPRequestHandler):

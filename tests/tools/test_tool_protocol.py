@@ -61,7 +61,9 @@ def test_registry_builtins_and_dotted_path(tmp_path):
     assert isinstance(tool, EchoTool) and tool.run("x").text == ">x"
     py = load_tool("python", timeout_s=3)
     assert py.tag == "python" and py.timeout_s == 3
-    tools = load_tools(["python", "search"])
+    from arpo.data.world import CORPUS_PATH
+
+    tools = load_tools({"python": {}, "search": {"corpus_path": CORPUS_PATH}})
     assert set(tools) == {"python", "search"}
     with pytest.raises(ValueError, match="unknown tool"):
         load_tool("calculator")

@@ -100,7 +100,7 @@ def test_embedded_default_creates_model_and_cold_starts_once(tmp_path):
             "log.progress_bar=false", "train.threads=1"]
     said = []
     trainer = Trainer(load_config(None, over), echo=said.append)
-    assert trainer.start_model == os.path.join(run, "sft_model") and trainer.sft_summary is not None
+    assert trainer.start_model_path == os.path.join(run, "sft_model") and trainer.sft_summary is not None
     assert os.path.isfile(os.path.join(run, "base_model", "config.json"))
     assert trainer.model.config.hidden_size == 32 and trainer.model.config.tie_word_embeddings
     summary = trainer.train()

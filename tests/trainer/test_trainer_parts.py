@@ -10,8 +10,8 @@ from arpo.config import load_config
 from arpo.data import load_embedded_tokenizer
 from arpo.model import ModelConfig, Qwen2Model
 from arpo.trainer.data import DataError, PromptSampler, encode_prompt, load_rows, prompt_inputs
-from arpo.trainer.embedded import init_weights
-from arpo.trainer.schedule import lr_factor
+from arpo.build import init_weights
+from arpo.trainer.optimizer import lr_factor
 from arpo.trainer.sft import _segments_of_response, packed_nll, tokenize_trace
 from arpo.trainer.update import micro_batches, policy_update
 
@@ -142,7 +142,7 @@ def test_micro_batches_accumulate_to_the_whole_minibatch_gradient():
         cfg = load_config(None, ["train.batch_prompts=4", "train.mini_batch_prompts=4",
                                  f"train.micro_batch_tokens={tokens}", "optim.lr=1e-3"])
         opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: keep the weights, read the gradients
-        m = policy_update(model, trees, cfg, opt)
+        m = policy_update(model, trees, cfg, opt, temperature=cfg.rollout.temperature)
         grads[tokens] = ([p.grad.clone() for p in model.parameters()], m)
     (g1, m1), (g2, m2) = grads[10**6], grads[24]
     for a, b in zip(g1, g2):
@@ -159,11 +159,11 @@ def test_lr_schedule():
 
 
 def test_bf16_parameters_get_fp32_master_weights():
-    from arpo.config import OptimSection
-    from arpo.trainer.schedule import MasterWeightAdamW, build_optimizer
+    from arpo.config import OptimConfig
+    from arpo.trainer.optimizer import MasterWeightAdamW, build_optimizer
 
     model = _tiny_model().to(torch.bfloat16)
-    opt, sched = build_optimizer(model, OptimSection(lr=1e-5, weight_decay=0.0), 10)
+    opt, sched = build_optimizer(model, OptimConfig(lr=1e-5, weight_decay=0.0), 10)
     assert isinstance(opt, MasterWeightAdamW)
     w = model.norm.weight  # all ones: a 1e-5 step is far below bf16 resolution there
     start = w.detach().float().clone()
@@ -175,7 +175,7 @@ def test_bf16_parameters_get_fp32_master_weights():
     torch.testing.assert_close(opt.masters[idx], start - 3e-5, rtol=0, atol=1e-6)  # kept in fp32
     assert torch.equal(w.float(), opt.masters[idx].to(torch.bfloat16).float())  # written back in place
     fresh = _tiny_model().to(torch.bfloat16)
-    opt2, _ = build_optimizer(fresh, OptimSection(lr=1e-5, weight_decay=0.0), 10)
+    opt2, _ = build_optimizer(fresh, OptimConfig(lr=1e-5, weight_decay=0.0), 10)
     opt2.load_state_dict(opt.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(opt.masters, opt2.masters))
     assert torch.equal(fresh.norm.weight, w)
@@ -183,7 +183,7 @@ def test_bf16_parameters_get_fp32_master_weights():
 
 def _tiny_sft_setup(tmp_path, *extra: str):
     """(model, tokenizer, config) of a one-layer embedded model and a 60-step SFT config."""
-    from arpo.trainer.embedded import base_model_path, load_policy
+    from arpo.build import base_model_path, load_policy
 
     over = ["model.embedded_hidden_size=32", "model.embedded_layers=1", "model.embedded_intermediate_size=48",
             "model.device=cpu", f"train.run_dir={tmp_path}", "sft.steps=60", "sft.batch_size=2", *extra]
