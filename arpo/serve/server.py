@@ -14,11 +14,12 @@ import socket
 import threading
 from dataclasses import replace
 
-from arpo.serve.app import Server, create_app
 from arpo.serve.settings import ServeSettings
 
 
-def build_server(checkpoint: str, cfg, settings: ServeSettings, tools: list[str] | None = None) -> Server:
+def load_parts(checkpoint: str, cfg, max_seqs: int, tools: list[str] | None = None):
+    """(engine, tool executor or None) on the checkpoint, built as a run builds them (`arpo chat` uses this
+    too, without the HTTP stack)."""
     from arpo.build import build_engine, build_tools, load_policy, set_threads
 
     set_threads(cfg.train.threads)
@@ -28,7 +29,13 @@ def build_server(checkpoint: str, cfg, settings: ServeSettings, tools: list[str]
     if tools:
         cfg.tools = replace(cfg.tools, enabled=list(tools))
         executor = build_tools(cfg)
-    engine = build_engine(model, tok, cfg, settings.max_seqs)
+    return build_engine(model, tok, cfg, max_seqs), executor
+
+
+def build_server(checkpoint: str, cfg, settings: ServeSettings, tools: list[str] | None = None):
+    from arpo.serve.app import Server
+
+    engine, executor = load_parts(checkpoint, cfg, settings.max_seqs, tools)
     name = settings.model_name or os.path.basename(os.path.normpath(checkpoint))
     return Server(engine, executor, cfg.data, settings, name)
 
@@ -41,15 +48,17 @@ def _socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _uvicorn(server: Server):
+def _uvicorn(server):
     import uvicorn
+
+    from arpo.serve.app import create_app
 
     config = uvicorn.Config(create_app(server), log_level="warning", access_log=False, lifespan="on",
                             timeout_graceful_shutdown=5)
     return uvicorn.Server(config)
 
 
-def run_forever(server: Server) -> None:
+def run_forever(server) -> None:
     sock = _socket(server.settings.host, server.settings.port)
     host, port = sock.getsockname()[:2]
     print(f"arpo serve: {server.model_name} on http://{host}:{port}/v1  (max_model_len {server.max_model_len}, "
@@ -64,7 +73,7 @@ def run_forever(server: Server) -> None:
 class ServerThread:
     """uvicorn on a background thread, listening on a socket bound before it starts (no free-port race)."""
 
-    def __init__(self, server: Server, host: str = "127.0.0.1"):
+    def __init__(self, server, host: str = "127.0.0.1"):
         self.server = server
         self._sock = _socket(host, 0)
         self.port = self._sock.getsockname()[1]
