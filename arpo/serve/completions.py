@@ -77,6 +77,7 @@ async def _stream_completion(server, req, request, job, queue, choices, agent, r
     base = {"id": rid, "object": "text_completion", "created": created, "model": server.model_name}
     try:
         async for evs in server.follow(request, job, queue):
+            out = []  # one write per batch of events (several steps when the front end is behind)
             for ev in evs:
                 c = choices[ev[1]]
                 n_lp = len(c.logprobs)
@@ -90,7 +91,8 @@ async def _stream_completion(server, req, request, job, queue, choices, agent, r
                     choice["arpo"] = {"token_id": ev[2], "entropy": ev[4]}
                 elif record is not None:
                     choice["arpo"] = {record["type"]: record}
-                yield _sse(dict(base, choices=[choice]))
+                out.append(_sse(dict(base, choices=[choice])))
+            yield "".join(out)
     except APIError as exc:
         yield _sse(exc.body())
         return
@@ -134,6 +136,7 @@ async def _stream_chat(server, req, request, job, queue, choices, agent, rid, cr
                                         "logprobs": None, "finish_reason": None}]))
     try:
         async for evs in server.follow(request, job, queue):
+            out = []
             for ev in evs:
                 c = choices[ev[1]]
                 n_lp = len(c.logprobs)
@@ -147,7 +150,8 @@ async def _stream_chat(server, req, request, job, queue, choices, agent, rid, cr
                     choice["arpo"] = {"token_id": ev[2], "entropy": ev[4]}
                 elif record is not None:
                     choice["arpo"] = {record["type"]: record}
-                yield _sse(dict(base, choices=[choice]))
+                out.append(_sse(dict(base, choices=[choice])))
+            yield "".join(out)
     except APIError as exc:
         yield _sse(exc.body())
         return
