@@ -39,7 +39,9 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist", "pytest-benchmark", "hypothesis", "tokenizers", "bm25s", "sympy", "math-verify", "datasets", "matplotlib", "tensorboard"],
+        "test": ["pytest", "pytest-xdist", "pytest-benchmark", "hypothesis", "tokenizers", "bm25s", "sympy", "math-verify", "datasets", "matplotlib", "tensorboard",
+                 "fastapi", "uvicorn", "pydantic", "httpx", "openai", "pexpect"],
+        "serve": ["fastapi", "uvicorn", "pydantic", "httpx"],
         "tools": ["bm25s", "sympy", "math-verify", "datasets", "matplotlib", "tensorboard"],
         "plot": ["matplotlib", "tensorboard"],
         "gpu": ["flash-attn", "xformers", "liger-kernel"],

@@ -11,6 +11,8 @@
     arpo eval CHECKPOINT [config.yaml] [key=value ...] [--samples K --temperature T]
     arpo plot RUN_DIR [RUN_DIR ...]              # PNG curves (several runs overlaid)
     arpo rollout [config.yaml] [key=value ...] [--toy] [--n N] [--out trees.jsonl]   # one rollout, as trees
+    arpo serve CHECKPOINT [--host H] [--port P] [--tools python,search] [key=value ...]   # OpenAI-compatible API
+    arpo chat CHECKPOINT [--tools python,search] [key=value ...]   # talk to a checkpoint in the terminal
     arpo bench token-stats [--device cuda] [--quick]
 
 Each subcommand lives in its own small function; heavy imports happen inside them so `arpo --help` is instant.
@@ -338,6 +340,66 @@ def _cmd_rollout(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------------- serve, chat
+def _tool_list(text: str | None) -> list[str] | None:
+    """`--tools python,search` → ['python', 'search'] (None: no tools, no agent mode)."""
+    if text is None:
+        return None
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise ValueError("--tools: name at least one tool (python, search)")
+    return names
+
+
+def _serve_parts(args: argparse.Namespace, max_seqs: int):
+    """(config, engine, tools) for `serve` and `chat`: the checkpoint's own config (or the one given) with the
+    overrides, as `arpo eval` reads it."""
+    from arpo.serve.server import load_parts
+
+    cfg = _eval_config(args)
+    engine, tools = load_parts(args.checkpoint, cfg, max_seqs, _tool_list(args.tools))
+    return cfg, engine, tools
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from arpo.serve.settings import from_arguments
+
+    try:
+        from arpo.serve.app import Server
+        from arpo.serve.server import run_forever
+    except ImportError as exc:  # pragma: no cover - the serve extra is missing
+        return _fail(RuntimeError(f"{exc}; install the server with: pip install 'arpo[serve]'"))
+    try:
+        settings = from_arguments(args)
+        cfg, engine, tools = _serve_parts(args, settings.max_seqs)
+    except (*_user_errors(), ValueError) as exc:
+        return _fail(exc)
+    name = settings.model_name or os.path.basename(os.path.normpath(args.checkpoint))
+    run_forever(Server(engine, tools, cfg.data, settings, name))
+    return 0
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from arpo.serve.chat import ChatSession
+    from arpo.serve.settings import ChatSettings, from_arguments
+
+    try:
+        settings = from_arguments(args, ChatSettings)
+        cfg, engine, tools = _serve_parts(args, 4)
+    except (*_user_errors(), ValueError) as exc:
+        return _fail(exc)
+    try:
+        import readline  # noqa: F401 - line editing and history for input()
+    except ImportError:  # pragma: no cover - not on every platform
+        pass
+    try:
+        ChatSession(engine, tools, cfg.data, settings).run()
+    finally:
+        if tools is not None:
+            tools.close()
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------- plot
 def _cmd_plot(args: argparse.Namespace) -> int:
     from arpo.trainer.metrics import METRICS_FILE
@@ -419,6 +481,29 @@ def build_parser() -> argparse.ArgumentParser:
     rollout.add_argument("--max-chars", type=int, default=160, help="cut each printed segment to this many "
                                                                     "characters")
     rollout.set_defaults(func=_cmd_rollout)
+
+    serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server on a checkpoint (completions, chat, "
+                           "streaming, agent mode with --tools)", description="Serve CHECKPOINT on the engine: "
+                           "/v1/models, /v1/completions, /v1/chat/completions, /health. Config as for `arpo eval`: "
+                           "the checkpoint's saved config, else the embedded defaults, then the overrides.")
+    serve.add_argument("checkpoint", help="a checkpoint directory (Hugging Face format + tokenizer)")
+    _config_args(serve)
+    serve.add_argument("--tools", default=None, metavar="python,search", help="agent mode: run these tools in the "
+                       "loop (a reply stops at a closing tag, the sandboxed call runs, its result is appended)")
+    from arpo.serve.settings import ChatSettings, add_arguments
+
+    add_arguments(serve)
+    serve.set_defaults(func=_cmd_serve)
+
+    chat = sub.add_parser("chat", help="talk to a checkpoint in the terminal (streamed, multi-turn, tools)",
+                          description="An interactive session with CHECKPOINT: /reset forgets the history, /exit "
+                                      "leaves, Ctrl-C stops a reply. Config as for `arpo eval`.")
+    chat.add_argument("checkpoint", help="a checkpoint directory (Hugging Face format + tokenizer)")
+    _config_args(chat)
+    chat.add_argument("--tools", default=None, metavar="python,search", help="let the model call these tools; "
+                      "calls and results are shown as they run")
+    add_arguments(chat, ChatSettings)
+    chat.set_defaults(func=_cmd_chat)
 
     bench = sub.add_parser("bench", help="run throughput/memory benchmarks and print a comparison table")
     bench.add_argument("workload", nargs="?", help="benchmark to run (see --list)")

@@ -199,10 +199,14 @@ def pytest_benchmark_case(benchmark, providers: dict, case, provider: str, devic
     fn = providers[provider](case)
     if fn is None:
         pytest.skip(f"{provider} does not apply to {case.label}")
-    benchmark.group = case.label
-    benchmark.extra_info.update(case.extra())
-    benchmark.extra_info.update(getattr(fn, "extra", {}))
-    benchmark.extra_info["peak_extra_mb"] = peak_extra_mb(fn, device)
-    benchmark.pedantic(fn, rounds=rounds, warmup_rounds=1)
+    try:
+        benchmark.group = case.label
+        benchmark.extra_info.update(case.extra())
+        benchmark.extra_info.update(getattr(fn, "extra", {}))
+        benchmark.extra_info["peak_extra_mb"] = peak_extra_mb(fn, device)
+        benchmark.pedantic(fn, rounds=rounds, warmup_rounds=1)
+    finally:
+        if getattr(fn, "close", None) is not None:  # a provider holding a resource (a server process)
+            fn.close()
     if "bytes_read" in case.extra():
         benchmark.extra_info["GB/s"] = case.extra()["bytes_read"] / benchmark.stats.stats.median / 1e9

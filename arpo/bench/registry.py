@@ -15,6 +15,7 @@ WORKLOADS = {
     "paged-attention": "arpo.bench.paged_attention",
     "policy-loss": "arpo.bench.policy_loss",
     "rollout": "arpo.bench.rollout",
+    "serve": "arpo.bench.serve",
     "train-step": "arpo.bench.train_step",
     "tree-attention": "arpo.bench.tree_attention",
 }
@@ -38,6 +39,7 @@ def run(name: str, device: str | None = None, quick: bool = False, only: str | N
         if only and only not in case.label:
             continue
         for provider, make in mod.providers(device).items():
+            fn = None
             try:
                 fn = make(case)
                 if fn is None:  # provider does not apply to this case
@@ -50,6 +52,9 @@ def run(name: str, device: str | None = None, quick: bool = False, only: str | N
                 print(f"  measured {r.workload} / {r.provider}: {r.ms:.3f} ms", flush=True)
             except torch.OutOfMemoryError:
                 print(f"[{case.label}] {provider}: out of memory, skipped")
+            finally:
+                if getattr(fn, "close", None) is not None:  # a provider holding a resource (a server thread)
+                    fn.close()
             fn = None
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
@@ -61,8 +66,9 @@ def run_cli(name: str, device: str | None = None, quick: bool = False, out: str 
     mod, device, results = run(name, device, quick, only)
     print(f"# {name} on {machine_name(device)}  (torch {torch.__version__})")
     print(format_table(results, mod.BASELINE))
-    if hasattr(mod, "report"):  # a workload's own columns
-        print(mod.report(results))
+    for hook in ("report", "summary"):  # a workload's own columns (phase split, latency percentiles, ...)
+        if hasattr(mod, hook):
+            print(getattr(mod, hook)(results))
     if out:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         with open(out, "w") as f:

@@ -1,0 +1,142 @@
+"""`arpo chat CHECKPOINT [--tools python,search]`: a terminal conversation with a checkpoint, in process.
+
+The same machinery as `arpo serve` without HTTP: one `EngineLoop` owns the engine, each turn is a `Job` whose
+events a `Choice` turns into text (so the prompt format, the agent's tool protocol and the streamed text are the
+server's, byte for byte). The history is the list of messages; each turn's prompt is the whole history through
+`chat_prompt_ids` (the checkpoint's chat template, or the plain format of the embedded character tokenizer), and
+the assistant's reply goes back into it as the model produced it — tool calls and `<result>` blocks included,
+since that is the text the model continues from.
+
+Commands: `/reset` (forget the history), `/exit` (or Ctrl-D). Ctrl-C during a reply stops that reply (its
+sequence is cancelled and its KV blocks freed; the part already shown stays in the history) and returns to the
+prompt; Ctrl-C at the prompt clears the line.
+"""
+from __future__ import annotations
+
+import queue
+import sys
+
+from arpo.engine import SamplingParams
+from arpo.serve.choices import Choice
+from arpo.serve.engine_loop import EngineLoop, Job
+from arpo.serve.text import chat_prompt_ids
+from arpo.serve.settings import ChatSettings
+
+PROMPT = "you> "
+REPLY = "agent> "
+
+
+class ChatSession:
+    """One conversation. `read()` returns the next input line (raises EOFError at the end); `write(text)`
+    shows text (no newline added). Runs on the calling thread; the engine runs on the loop's thread."""
+
+    def __init__(self, engine, tools, data_section, settings: ChatSettings | None = None,
+                 read=input, write=None):
+        self.engine, self.tools, self.data_section = engine, tools, data_section
+        self.settings = settings or ChatSettings()
+        self.tokenizer = engine.tokenizer
+        self.read = read
+        self.write = write or _stdout_write
+        self.messages: list[dict] = []
+        self.turns = 0
+        self.loop = EngineLoop(engine, tools)
+
+    # --- the session --------------------------------------------------------------------------------------------
+    def run(self) -> None:
+        self.loop.start()
+        try:
+            self.write(self._banner())
+            while True:
+                try:
+                    line = self.read(PROMPT)
+                except KeyboardInterrupt:
+                    self.write("\n(Ctrl-C stops a reply; /exit or Ctrl-D leaves)\n")
+                    continue
+                except EOFError:
+                    self.write("\n")
+                    return
+                line = line.strip()
+                if not line:
+                    continue
+                if line.startswith("/"):
+                    if self._command(line):
+                        return
+                    continue
+                self.reply(line)
+        finally:
+            self.loop.close()
+
+    def _banner(self) -> str:
+        tools = ", ".join(self.tools.tools) if self.tools is not None else "none"
+        return (f"arpo chat: context {self.engine.max_model_len} tokens, tools: {tools}. "
+                "/reset forgets the history, /exit leaves, Ctrl-C stops a reply.\n")
+
+    def _command(self, line: str) -> bool:
+        """True when the session should end."""
+        cmd = line.split()[0]
+        if cmd in ("/exit", "/quit"):
+            return True
+        if cmd == "/reset":
+            self.messages.clear()
+            self.write("(history cleared)\n")
+            return False
+        self.write(f"unknown command {cmd!r}; commands: /reset, /exit\n")
+        return False
+
+    # --- one turn -----------------------------------------------------------------------------------------------
+    def reply(self, text: str) -> Choice | None:
+        """Answer one user message (streamed through `write`); returns its choice, None when refused."""
+        self.messages.append({"role": "user", "content": text})
+        ids = chat_prompt_ids(self.tokenizer, self.messages, self.data_section)
+        room = self.engine.max_model_len - len(ids)
+        if room < 2:
+            self.messages.pop()
+            self.write(f"(the conversation has {len(ids)} tokens; the context is {self.engine.max_model_len}: "
+                       "/reset to start over)\n")
+            return None
+        events: queue.SimpleQueue = queue.SimpleQueue()
+        job = self._job(ids, min(self.settings.max_tokens, room - 1), events.put)
+        choice = Choice(0, self.tokenizer, ())
+        self.turns += 1
+        self.write(REPLY)
+        self.loop.submit(job)
+        try:
+            self._follow(job, events, choice)
+        except KeyboardInterrupt:
+            self.loop.cancel(job)
+            self.write(" [interrupted]")
+        self.write("\n")
+        if choice.text:
+            self.messages.append({"role": "assistant", "content": choice.text})
+        return choice
+
+    def _job(self, ids: list[int], max_tokens: int, emit) -> Job:
+        s = self.settings
+        params = SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_tokens=max_tokens)
+        seed = None if s.seed < 0 else s.seed + self.turns
+        return Job(ids, params, 1, emit, seed=seed, agent=self.tools is not None, max_tool_calls=s.max_tool_calls)
+
+    def _follow(self, job: Job, events: queue.SimpleQueue, choice: Choice) -> None:
+        while True:
+            try:  # a short timeout keeps the wait interruptible by Ctrl-C
+                evs = events.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            for ev in evs:
+                if ev[0] == "error":
+                    self.write(f"\n(error: {ev[1]})")
+                    return
+                text, record = choice.apply(ev)
+                if record is not None and record["type"] == "tool_result":
+                    status = "ok" if record["ok"] else "failed"
+                    self.write(f"\n  [tool result: {status}, {record['latency_s']:.2f} s]\n")
+                self.write(text)
+                if record is not None and record["type"] == "tool_call":
+                    self.write(f"\n  [running {record['tool']}: {record['input']}]")
+                if ev[0] == "finish":
+                    return
+
+
+def _stdout_write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()

@@ -1,0 +1,99 @@
+"""Assembling and running a server: model, tokenizer, engine and tools from the run config, then uvicorn.
+
+    server = build_server("runs/embedded/step_000040", cfg, ServeSettings(port=8000), tools=["python"])
+    run_forever(server)                               # `arpo serve`
+    with ServerThread(server) as url: ...             # tests and benchmarks: a free port on 127.0.0.1
+
+Model, tokenizer, engine and tools are built by the run's one builder (`arpo.build`: `load_policy`,
+`build_engine`, `build_tools`), so a served checkpoint decodes exactly as it did in training and evaluation.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from dataclasses import replace
+
+from arpo.serve.settings import ServeSettings
+
+
+def load_parts(checkpoint: str, cfg, max_seqs: int, tools: list[str] | None = None):
+    """(engine, tool executor or None) on the checkpoint, built as a run builds them (`arpo chat` uses this
+    too, without the HTTP stack)."""
+    from arpo.build import build_engine, build_tools, load_policy, set_threads
+
+    set_threads(cfg.train.threads)
+    model, tok = load_policy(checkpoint, cfg.model)
+    model.eval()
+    executor = None
+    if tools:
+        cfg.tools = replace(cfg.tools, enabled=list(tools))
+        executor = build_tools(cfg)
+    return build_engine(model, tok, cfg, max_seqs), executor
+
+
+def build_server(checkpoint: str, cfg, settings: ServeSettings, tools: list[str] | None = None):
+    from arpo.serve.app import Server
+
+    engine, executor = load_parts(checkpoint, cfg, settings.max_seqs, tools)
+    name = settings.model_name or os.path.basename(os.path.normpath(checkpoint))
+    return Server(engine, executor, cfg.data, settings, name)
+
+
+def _socket(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    return sock
+
+
+def _uvicorn(server):
+    import uvicorn
+
+    from arpo.serve.app import create_app
+
+    config = uvicorn.Config(create_app(server), log_level="warning", access_log=False, lifespan="on",
+                            timeout_graceful_shutdown=5)
+    return uvicorn.Server(config)
+
+
+def run_forever(server) -> None:
+    sock = _socket(server.settings.host, server.settings.port)
+    host, port = sock.getsockname()[:2]
+    print(f"arpo serve: {server.model_name} on http://{host}:{port}/v1  (max_model_len {server.max_model_len}, "
+          f"tools: {', '.join(server.tools.tools) if server.tools else 'none'})", flush=True)
+    try:
+        _uvicorn(server).run(sockets=[sock])
+    finally:
+        if server.tools is not None:
+            server.tools.close()
+
+
+class ServerThread:
+    """uvicorn on a background thread, listening on a socket bound before it starts (no free-port race)."""
+
+    def __init__(self, server, host: str = "127.0.0.1"):
+        self.server = server
+        self._sock = _socket(host, 0)
+        self.port = self._sock.getsockname()[1]
+        self.url = f"http://{host}:{self.port}"
+        self._uv = _uvicorn(server)
+        self._thread = threading.Thread(target=self._uv.run, kwargs={"sockets": [self._sock]}, daemon=True,
+                                        name="arpo-serve-http")
+
+    def __enter__(self) -> "ServerThread":
+        self._thread.start()
+        import time
+
+        deadline = time.monotonic() + 60
+        while not self._uv.started:  # a bounded wait on the outcome: uvicorn says it is serving
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the HTTP server did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._uv.should_exit = True
+        self._thread.join(30)
+        self._sock.close()
