@@ -132,9 +132,11 @@ def base_model_path(cfg) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- parts
-def build_tools(cfg):
-    """The ToolExecutor of `cfg.tools` (the bundled embedded corpus for search unless one is configured)."""
+def build_tools(cfg, tokenizer=None):
+    """The ToolExecutor of `cfg.tools` (the bundled embedded corpus for search unless one is configured), speaking
+    `tools.protocol` (hermes renders through `tokenizer`'s chat template, so it needs the policy's tokenizer)."""
     from arpo.tools import ToolExecutor, load_tools
+    from arpo.tools.protocol import make_protocol
 
     t = cfg.tools
     specs: dict[str, dict] = {}
@@ -152,14 +154,45 @@ def build_tools(cfg):
             specs[name] = kw
         else:
             specs[name] = {}
-    return ToolExecutor(load_tools(specs), max_workers=t.workers, timeout_s=t.call_timeout_s,
-                        max_result_chars=t.max_result_chars)
+    tools = load_tools(specs)
+    try:
+        protocol = make_protocol(t.protocol, tools, tokenizer)
+    except ValueError as exc:
+        _close_all(tools)
+        raise ConfigError(str(exc)) from None
+    return ToolExecutor(tools, max_workers=t.workers, timeout_s=t.call_timeout_s,
+                        max_result_chars=t.max_result_chars, protocol=protocol)
+
+
+def _close_all(tools: dict) -> None:
+    for tool in tools.values():
+        close = getattr(tool, "close", None)
+        if callable(close):
+            close()
+
+
+def build_protocol(cfg, tokenizer):
+    """`tools.protocol` without running tools (SFT renders prompts and masks results with it): tags needs no tool;
+    hermes needs the tools' schemas, so their executor is built and closed again."""
+    from arpo.tools.protocol import TagsProtocol
+
+    if cfg.tools.protocol == "tags":
+        return TagsProtocol({})
+    tools = build_tools(cfg, tokenizer)
+    tools.close()
+    return tools.protocol
 
 
 def build_reward(cfg):
-    from arpo.rewards import load_reward
+    """`reward.name`'s function; a built-in one checks the format of `tools.protocol`."""
+    import functools
 
-    return load_reward(cfg.reward.name)
+    from arpo.rewards import BUILTIN_REWARDS, load_reward
+
+    fn = load_reward(cfg.reward.name)
+    if cfg.reward.name in BUILTIN_REWARDS and cfg.tools.protocol != "tags":
+        fn = functools.partial(fn, tool_protocol=cfg.tools.protocol)
+    return fn
 
 
 def max_model_len(cfg) -> int:

@@ -9,6 +9,9 @@
   No tool bonus: the arithmetic needs only python, and a correct answer is what the tiny model must learn.
 * `f1`, `exact_match`: the bare metrics on the boxed answer (or the whole answer block when there is no box).
 
+The built-ins check the format of the run's tool protocol: the run builder passes `tool_protocol=` (`tags`, or
+`hermes`: `<tool_call>`/`<tool_response>` blocks, see `arpo.rewards.format`).
+
 `score(...)` returns a `RewardResult` with the reason a trajectory got −1, for logging; the plain functions
 return its float.
 """
@@ -37,8 +40,9 @@ def is_math_source(data_source: str) -> bool:
     return any(name in source for name in MATH_SOURCES)
 
 
-def score_arpo(completion: str, ground_truth, data_source: str = "", **row) -> RewardResult:
-    fmt = check_format(completion, require_boxed=True)
+def score_arpo(completion: str, ground_truth, data_source: str = "", tool_protocol: str = "tags",
+               **row) -> RewardResult:
+    fmt = check_format(completion, require_boxed=True, protocol=tool_protocol)
     if not fmt.ok:
         return RewardResult(-1.0, fmt.reason)
     answer = extract_boxed(fmt.answer) or ""
@@ -61,8 +65,8 @@ def _same_answer(answer: str, ground_truth) -> bool:
     return False
 
 
-def score_embedded(completion: str, ground_truth, **row) -> RewardResult:
-    fmt = check_format(completion, require_boxed=False)
+def score_embedded(completion: str, ground_truth, tool_protocol: str = "tags", **row) -> RewardResult:
+    fmt = check_format(completion, require_boxed=False, protocol=tool_protocol)
     if not fmt.ok:
         return RewardResult(-1.0, fmt.reason)
     if completion.rstrip().rsplit("</answer>", 1)[1].strip():
@@ -71,8 +75,8 @@ def score_embedded(completion: str, ground_truth, **row) -> RewardResult:
     return RewardResult(1.0 if _same_answer(answer, ground_truth) else 0.0, "", answer)
 
 
-def _answer_text(completion: str) -> str:
-    fmt = check_format(completion, require_boxed=False)
+def _answer_text(completion: str, tool_protocol: str = "tags") -> str:
+    fmt = check_format(completion, require_boxed=False, protocol=tool_protocol)
     text = fmt.answer if fmt.answer else completion
     return extract_boxed(text) or text
 
@@ -86,11 +90,11 @@ def embedded_reward(completion: str, ground_truth, **row) -> float:
 
 
 def f1_reward(completion: str, ground_truth, **row) -> float:
-    return token_f1(_answer_text(completion), ground_truth)
+    return token_f1(_answer_text(completion, row.get("tool_protocol", "tags")), ground_truth)
 
 
 def exact_match_reward(completion: str, ground_truth, **row) -> float:
-    return exact_match(_answer_text(completion), ground_truth)
+    return exact_match(_answer_text(completion, row.get("tool_protocol", "tags")), ground_truth)
 
 
 BUILTIN_REWARDS: dict[str, Callable[..., float]] = {

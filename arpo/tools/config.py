@@ -12,6 +12,10 @@ class ToolsConfig:
     """Tools the policy may call."""
 
     enabled: list[str] = opt(["python", "search"], "tool names (python, search) or 'pkg.module:ToolClass'")
+    protocol: Literal["tags", "hermes"] = opt(
+        "tags", "how calls look to the model: tags = ARPO's <python>…</python> with ' <result>…</result>' results; "
+        "hermes = the chat template's native function calls (tool schemas in the prompt, <tool_call>{json}"
+        "</tool_call>, results as tool turns; Qwen2.5-Instruct, Qwen3)")
     python_timeout_s: float = opt(10.0, "python sandbox: wall-clock limit per call (s)", gt=0)
     python_memory_mb: int = opt(1024, "python sandbox: address-space limit per call (MiB)", gt=0)
     search_corpus: Optional[str] = opt(None, "search: local JSONL corpus of {title, text}; null = the bundled "

@@ -164,16 +164,21 @@ def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def encode_prompt(tokenizer, prompt, section) -> list[int]:
-    """Token ids of a prompt (text or chat messages) as the policy sees it."""
+def encode_prompt(tokenizer, prompt, section, protocol=None) -> list[int]:
+    """Token ids of a prompt (text or chat messages) as the policy sees it; a tool `protocol`
+    (`arpo.tools.protocol`) renders the chat template its way (hermes: with the tools' schemas)."""
     if section.chat_template and has_chat_template(tokenizer):
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         if section.system_prompt and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": section.system_prompt}] + messages
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # transformers 5 may return a BatchEncoding
-            ids = ids["input_ids"]
-        return [int(t) for t in ids]
+        if protocol is not None:
+            return protocol.render_prompt(tokenizer, messages)
+        from arpo.tools.protocol import template_ids
+
+        return template_ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+    if getattr(protocol, "name", "tags") != "tags":
+        raise DataError(f"tools.protocol={protocol.name} shows the tools through the chat template: it needs a "
+                        "tokenizer with one and data.chat_template=true")
     if not isinstance(prompt, str):
         prompt = "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
     ids = list(tokenizer.encode(prompt, add_special_tokens=False))
@@ -181,11 +186,12 @@ def encode_prompt(tokenizer, prompt, section) -> list[int]:
     return ([int(bos)] if bos is not None else []) + [int(t) for t in ids]
 
 
-def prompt_inputs(rows: list[dict], tokenizer, section) -> list[PromptInput]:
-    """Rows → rollout inputs; prompts longer than data.max_prompt_tokens are dropped."""
+def prompt_inputs(rows: list[dict], tokenizer, section, protocol=None) -> list[PromptInput]:
+    """Rows → rollout inputs (rendered for the tool `protocol`); prompts longer than data.max_prompt_tokens are
+    dropped."""
     out = []
     for row in rows:
-        ids = encode_prompt(tokenizer, row["prompt"], section)
+        ids = encode_prompt(tokenizer, row["prompt"], section, protocol)
         if len(ids) > section.max_prompt_tokens:
             continue
         extra = {k: v for k, v in row.items() if k not in ("prompt", "answer", "data_source")}
