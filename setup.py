@@ -39,8 +39,9 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist", "pytest-benchmark", "hypothesis", "tokenizers", "bm25s", "sympy", "math-verify", "datasets", "matplotlib", "tensorboard"],
-        "tools": ["bm25s", "sympy", "math-verify", "datasets", "matplotlib", "tensorboard"],
+        "test": ["pytest", "pytest-xdist", "pytest-benchmark", "hypothesis", "tokenizers", "bm25s", "sympy", "math-verify", "datasets", "matplotlib", "tensorboard", "mcp"],
+        "tools": ["bm25s", "sympy", "math-verify", "datasets", "matplotlib", "tensorboard", "mcp"],
+        "mcp": ["mcp"],
         "plot": ["matplotlib", "tensorboard"],
         "gpu": ["flash-attn", "xformers", "liger-kernel"],
     },

@@ -156,12 +156,26 @@ def build_tools(cfg, tokenizer=None):
             specs[name] = {}
     tools = load_tools(specs)
     try:
+        if t.mcp_servers:
+            tools.update(_mcp_tools(t, tools))
         protocol = make_protocol(t.protocol, tools, tokenizer)
-    except ValueError as exc:
+    except (ValueError, RuntimeError) as exc:
         _close_all(tools)
         raise ConfigError(str(exc)) from None
     return ToolExecutor(tools, max_workers=t.workers, timeout_s=t.call_timeout_s,
                         max_result_chars=t.max_result_chars, protocol=protocol)
+
+
+def _mcp_tools(section, builtin: dict) -> dict:
+    """The tools of `tools.mcp_servers` (their servers started), checked against the built-in tags."""
+    from arpo.tools.mcp import load_mcp_tools
+
+    mcp = load_mcp_tools(section.mcp_servers, call_timeout_s=section.mcp_timeout_s)
+    clash = sorted(set(mcp) & set(builtin))
+    if clash:
+        _close_all(mcp)
+        raise ValueError(f"tools.mcp_servers: tool name(s) {', '.join(clash)} already taken by tools.enabled")
+    return mcp
 
 
 def _close_all(tools: dict) -> None:

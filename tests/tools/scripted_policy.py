@@ -37,3 +37,36 @@ def scripted_engine(tokenizer, script: list[int]) -> LLMEngine:
     model = ScriptedModel(len(tokenizer), script)
     return LLMEngine(model, tokenizer=tokenizer, num_blocks=256, block_size=8, max_model_len=2048,
                      decode_graphs="off")
+
+
+class TurnScriptedModel(ScriptedModel):
+    """Writes assistant turn k's tokens after the k-th assistant header it was fed, whatever stood in between.
+
+    For rollouts whose tool results are not known in advance (an MCP server that dies, an error message): it
+    keeps the tokens it was fed (one sequence only: use `leaves=1`, `prefix_mode="resubmit"`), finds the last
+    `header` (the chat template's `<|im_start|>assistant\\n`) and writes that turn from the start."""
+
+    def __init__(self, vocab_size: int, turns: list[list[int]], header: list[int]):
+        super().__init__(vocab_size, [0])
+        self.turns, self.header, self.fed = turns, header, []
+
+    def forward(self, input_ids, position_ids, ctx=None):
+        self.fed += input_ids.tolist()
+        return super().forward(input_ids, position_ids, ctx)
+
+    def compute_logits(self, hidden):
+        h, ends = len(self.header), []
+        for i in range(len(self.fed) - h + 1):
+            if self.fed[i:i + h] == self.header:
+                ends.append(i + h)
+        turn = self.turns[min(len(ends), len(self.turns)) - 1]
+        nxt = turn[min(len(self.fed) - ends[-1], len(turn) - 1)]
+        logits = torch.full((hidden.shape[0], self.config.vocab_size), -40.0)
+        logits[:, nxt] = 40.0
+        return logits
+
+
+def turn_scripted_engine(tokenizer, turns: list[list[int]], header: list[int]) -> LLMEngine:
+    model = TurnScriptedModel(len(tokenizer), turns, header)
+    return LLMEngine(model, tokenizer=tokenizer, num_blocks=256, block_size=8, max_model_len=2048,
+                     decode_graphs="off")
