@@ -40,9 +40,10 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "pytest-xdist", "pytest-benchmark", "hypothesis", "tokenizers", "bm25s", "sympy", "math-verify", "datasets", "matplotlib", "tensorboard",
-                 "fastapi", "uvicorn", "pydantic", "httpx", "openai", "pexpect"],
+                 "fastapi", "uvicorn", "pydantic", "httpx", "openai", "pexpect", "mcp"],
         "serve": ["fastapi", "uvicorn", "pydantic", "httpx"],
-        "tools": ["bm25s", "sympy", "math-verify", "datasets", "matplotlib", "tensorboard"],
+        "tools": ["bm25s", "sympy", "math-verify", "datasets", "matplotlib", "tensorboard", "mcp"],
+        "mcp": ["mcp"],
         "plot": ["matplotlib", "tensorboard"],
         "gpu": ["flash-attn", "xformers", "liger-kernel"],
     },

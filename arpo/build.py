@@ -156,9 +156,11 @@ def base_model_path(cfg) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- parts
-def build_tools(cfg):
-    """The ToolExecutor of `cfg.tools` (the bundled embedded corpus for search unless one is configured)."""
+def build_tools(cfg, tokenizer=None):
+    """The ToolExecutor of `cfg.tools` (the bundled embedded corpus for search unless one is configured), speaking
+    `tools.protocol` (hermes renders through `tokenizer`'s chat template, so it needs the policy's tokenizer)."""
     from arpo.tools import ToolExecutor, load_tools
+    from arpo.tools.protocol import make_protocol
 
     t = cfg.tools
     specs: dict[str, dict] = {}
@@ -176,15 +178,60 @@ def build_tools(cfg):
             specs[name] = kw
         else:
             specs[name] = {}
-    return ToolExecutor(load_tools(specs), max_workers=t.workers, timeout_s=t.call_timeout_s,
-                        max_result_chars=t.max_result_chars)
+    tools = load_tools(specs)
+    try:
+        if t.mcp_servers:
+            tools.update(_mcp_tools(t, tools))
+        protocol = make_protocol(t.protocol, tools, tokenizer)
+    except (ValueError, RuntimeError) as exc:
+        _close_all(tools)
+        raise ConfigError(str(exc)) from None
+    return ToolExecutor(tools, max_workers=t.workers, timeout_s=t.call_timeout_s,
+                        max_result_chars=t.max_result_chars, protocol=protocol)
+
+
+def _mcp_tools(section, builtin: dict) -> dict:
+    """The tools of `tools.mcp_servers` (their servers started), checked against the built-in tags."""
+    from arpo.tools.mcp import load_mcp_tools
+
+    mcp = load_mcp_tools(section.mcp_servers, call_timeout_s=section.mcp_timeout_s)
+    clash = sorted(set(mcp) & set(builtin))
+    if clash:
+        _close_all(mcp)
+        raise ValueError(f"tools.mcp_servers: tool name(s) {', '.join(clash)} already taken by tools.enabled")
+    return mcp
+
+
+def _close_all(tools: dict) -> None:
+    for tool in tools.values():
+        close = getattr(tool, "close", None)
+        if callable(close):
+            close()
+
+
+def build_protocol(cfg, tokenizer):
+    """`tools.protocol` without running tools (SFT renders prompts and masks results with it): tags needs no tool;
+    hermes needs the tools' schemas, so their executor is built and closed again."""
+    from arpo.tools.protocol import TagsProtocol
+
+    if cfg.tools.protocol == "tags":
+        return TagsProtocol({})
+    tools = build_tools(cfg, tokenizer)
+    tools.close()
+    return tools.protocol
 
 
 def build_reward(cfg):
-    from arpo.rewards import load_reward
+    """`reward.name`'s function; a built-in one checks the format of `tools.protocol`."""
+    import functools
 
-    return load_reward(cfg.reward.name, strict_format=cfg.reward.strict_format,
-                       math_equivalence=cfg.reward.math_equivalence)
+    from arpo.rewards import BUILTIN_REWARDS, load_reward
+
+    fn = load_reward(cfg.reward.name, strict_format=cfg.reward.strict_format,
+                     math_equivalence=cfg.reward.math_equivalence)
+    if cfg.reward.name in BUILTIN_REWARDS and cfg.tools.protocol != "tags":
+        fn = functools.partial(fn, tool_protocol=cfg.tools.protocol)
+    return fn
 
 
 def max_model_len(cfg) -> int:

@@ -243,13 +243,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         check_paths(cfg)
         set_threads(cfg.train.threads)
         model, tok = load_policy(args.checkpoint, cfg.model)
-        prompts = prompt_inputs(eval_rows(cfg), tok, cfg.data)
-        if not prompts:
-            raise DataError("no held-out prompts: set data.eval_files")
+        rows = eval_rows(cfg)
+        tools = build_tools(cfg, tok)
+        try:
+            prompts = prompt_inputs(rows, tok, cfg.data, tools.protocol)
+            if not prompts:
+                raise DataError("no held-out prompts: set data.eval_files")
+        except BaseException:
+            tools.close()
+            raise
     except _user_errors() as exc:
         return _fail(exc)
     k, temperature = cfg.train.eval_sampling(args.samples, args.temperature)
-    tools = build_tools(cfg)
     try:
         engine = build_engine(model, tok, cfg, min(len(prompts), 64) * k + 64)
         m = evaluate(engine, tools, build_reward(cfg), prompts, cfg, samples=k, temperature=temperature)
@@ -312,12 +317,17 @@ def _cmd_rollout(args: argparse.Namespace) -> int:
                                            chain_kw={"eps": 1e-4, "p_eos": 0.05}, noise=5e-4)
         else:
             model, tok = load_policy(base_model_path(cfg), cfg.model)
-        prompts = prompt_inputs(eval_rows(cfg), tok, cfg.data)[: args.n]
-        if not prompts:
-            raise DataError("no prompts: set data.eval_files (or data.train_files)")
+        rows = eval_rows(cfg)
+        tools = build_tools(cfg, tok)
+        try:
+            prompts = prompt_inputs(rows, tok, cfg.data, tools.protocol)[: args.n]
+            if not prompts:
+                raise DataError("no prompts: set data.eval_files (or data.train_files)")
+        except BaseException:
+            tools.close()
+            raise
     except _user_errors() as exc:
         return _fail(exc)
-    tools = build_tools(cfg)
     try:
         engine = build_engine(model, tok, cfg, len(prompts) * cfg.rollout.leaves + 8)
         result = build_rollout(engine, tools, build_reward(cfg), cfg).run(prompts, seed=cfg.train.seed)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import types
 import typing
-from dataclasses import field, fields
+from dataclasses import field, fields, is_dataclass
 from typing import Any, Literal
 
 NULL_WORDS = ("null", "none", "~", "")
@@ -24,8 +24,8 @@ class ConfigError(ValueError):
 def opt(default: Any, help: str, **bounds: float) -> Any:
     """A field with help text and optional numeric bounds (ge, gt, le, lt), checked by `check_fields`."""
     meta = {"help": help, **bounds}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -70,6 +70,14 @@ def coerce(value: Any, tp: Any, where: str, text: str | None = None) -> Any:
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         return [coerce(v, args[0], f"{where}[{i}]", str(v) if isinstance(v, str) else None)
                 for i, v in enumerate(value)]
+    if tp is dict or origin is dict:  # string to string (an environment)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {str(k): coerce(v, str, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(tp, type) and is_dataclass(tp):  # a nested record (`tools.mcp_servers` entries)
+        return _record(value, tp, where)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -103,6 +111,26 @@ def coerce(value: Any, tp: Any, where: str, text: str | None = None) -> Any:
             return str(value)
         raise ConfigError(f"{where}: expected a string, got {value!r}")
     raise ConfigError(f"{where}: unsupported field type {_type_name(tp)}")  # pragma: no cover
+
+
+def _record(value: Any, tp: type, where: str) -> Any:
+    """A mapping as the settings dataclass `tp` (all fields with defaults): unknown keys named, each field typed and
+    bounded; what the record needs as a whole its owner checks."""
+    if isinstance(value, tp):
+        value = {f.name: getattr(value, f.name) for f in fields(tp)}
+    valid = [f.name for f in fields(tp)]
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping with keys {', '.join(valid)}, got {value!r}")
+    for key in value:
+        if key not in valid:
+            raise unknown(f"key in {where}:", str(key), valid)
+    tps = hints(tp)
+    out = {}
+    for f in fields(tp):
+        if f.name in value:
+            out[f.name] = coerce(value[f.name], tps[f.name], f"{where}.{f.name}")
+            check_bounds(out[f.name], f.metadata, f"{where}.{f.name}")
+    return tp(**out)
 
 
 def check_bounds(value: Any, meta, where: str) -> None:

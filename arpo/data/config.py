@@ -13,12 +13,15 @@ DATA_EXTENSIONS = (".jsonl", ".json", ".parquet")
 class DataConfig:
     """Training and evaluation prompts."""
 
-    train_files: list[str] = opt([], "JSONL or parquet files of {prompt, answer, data_source}; empty = the "
-                                 "embedded task")
+    train_files: list[str] = opt([], "JSONL or parquet files of {prompt, answer, data_source} (or verl rows: "
+                                 "reward_model.ground_truth as the answer); empty = the embedded task")
     eval_files: list[str] = opt([], "held-out files in the same format; empty = the embedded task's held-out split")
-    prompt_key: str = opt("prompt", "field holding the prompt (text, or a list of chat messages)")
-    answer_key: str = opt("answer", "field holding the ground-truth answer (string or list of strings)")
-    data_source_key: str = opt("data_source", "field naming the data source (selects reward rules, e.g. math)")
+    prompt_key: str = opt("prompt", "field holding the prompt (text, or a list of chat messages); a key or a dotted "
+                          "path into nested objects")
+    answer_key: str = opt("answer", "field holding the ground-truth answer (string or list of strings), key or dotted "
+                          "path; with this default a row without it uses verl's reward_model.ground_truth")
+    data_source_key: str = opt("data_source", "field naming the data source (selects reward rules, e.g. math), key "
+                               "or dotted path")
     max_prompt_tokens: int = opt(2048, "prompts longer than this (in tokens, after the chat template) are skipped",
                                  gt=0)
     chat_template: bool = opt(True, "apply the tokenizer's chat template when it has one")

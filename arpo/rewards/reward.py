@@ -15,6 +15,9 @@
   No tool bonus: the arithmetic needs only python, and a correct answer is what the tiny model must learn.
 * `f1`, `exact_match`: the bare metrics on the boxed answer (or the whole answer block when there is no box).
 
+The built-ins check the format of the run's tool protocol: the run builder passes `tool_protocol=` (`tags`, or
+`hermes`: `<tool_call>`/`<tool_response>` blocks, see `arpo.rewards.format`).
+
 `score(...)` returns a `RewardResult` with the reason a trajectory got −1, for logging; the plain functions
 return its float.
 """
@@ -46,9 +49,12 @@ def is_math_source(data_source: str) -> bool:
 
 
 def score_arpo(completion: str, ground_truth, data_source: str = "", *, strict_format: bool = False,
-               math_equivalence: bool = False, **row) -> RewardResult:
-    if strict_format:
-        fmt = check_format(completion, require_boxed=True, require_think=True, require_results=True)
+               math_equivalence: bool = False, tool_protocol: str = "tags", **row) -> RewardResult:
+    """The reference's deep_research.py decisions by default; `strict_format` (and every protocol other than
+    `tags`, which the reference's checks do not know) applies our block grammar."""
+    if strict_format or tool_protocol != "tags":
+        fmt = check_format(completion, require_boxed=True, require_think=True, require_results=True,
+                           protocol=tool_protocol)
         answer = extract_boxed(fmt.answer) if fmt.ok else ""
         if answer is None:  # `\boxed{` whose braces never close: −1, as in the reference
             fmt = FormatCheck(False, "\\boxed{ without its closing brace")
@@ -76,8 +82,8 @@ def _same_answer(answer: str, ground_truth) -> bool:
     return False
 
 
-def score_embedded(completion: str, ground_truth, **row) -> RewardResult:
-    fmt = check_format(completion, require_boxed=False)
+def score_embedded(completion: str, ground_truth, tool_protocol: str = "tags", **row) -> RewardResult:
+    fmt = check_format(completion, require_boxed=False, protocol=tool_protocol)
     if not fmt.ok:
         return RewardResult(-1.0, fmt.reason)
     if completion.rstrip().rsplit("</answer>", 1)[1].strip():
@@ -86,8 +92,8 @@ def score_embedded(completion: str, ground_truth, **row) -> RewardResult:
     return RewardResult(1.0 if _same_answer(answer, ground_truth) else 0.0, "", answer)
 
 
-def _answer_text(completion: str) -> str:
-    fmt = check_format(completion, require_boxed=False)
+def _answer_text(completion: str, tool_protocol: str = "tags") -> str:
+    fmt = check_format(completion, require_boxed=False, protocol=tool_protocol)
     text = fmt.answer if fmt.answer else completion
     return extract_boxed(text) or text
 
@@ -104,11 +110,11 @@ def embedded_reward(completion: str, ground_truth, **row) -> float:
 
 
 def f1_reward(completion: str, ground_truth, **row) -> float:
-    return token_f1(_answer_text(completion), ground_truth)
+    return token_f1(_answer_text(completion, row.get("tool_protocol", "tags")), ground_truth)
 
 
 def exact_match_reward(completion: str, ground_truth, **row) -> float:
-    return exact_match(_answer_text(completion), ground_truth)
+    return exact_match(_answer_text(completion, row.get("tool_protocol", "tags")), ground_truth)
 
 
 BUILTIN_REWARDS: dict[str, Callable[..., float]] = {

@@ -336,7 +336,7 @@ class _Run:
 
     def _append_result(self, st: PromptState, traj: Trajectory, result: ToolResult) -> None:
         traj.tool_ok.append(bool(result.ok))
-        ids = list(self.tokenizer.encode(self.tools.format(result), add_special_tokens=False))
+        ids = self.tools.protocol.result_ids(self.tokenizer, result)  # tags: <result>; hermes: a tool turn
         seq = self.engine.sequence(traj.seq_id)
         room = self._room(st, seq.num_tokens + len(ids))
         if room < 1:

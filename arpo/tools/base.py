@@ -50,6 +50,10 @@ class BaseTool:
     tag: str = ""
     cacheable: bool = True
     batchable: bool = False
+    # what the `hermes` protocol shows the model (arpo.tools.protocol): one string parameter named `argument`
+    description: str = ""
+    argument: str = "input"
+    argument_description: str = "the tool's input"
 
     def run(self, text: str) -> ToolResult:  # pragma: no cover - interface
         raise NotImplementedError
@@ -60,12 +64,14 @@ class BaseTool:
 
 @dataclass(frozen=True)
 class ToolCall:
-    """One parsed call: which tool (by tag), its raw content, and where it sits in the generated text."""
+    """One parsed call: which tool (by tag), its raw content, and where it sits in the generated text. A call the
+    protocol could not make sense of (malformed JSON, an unknown tool) carries `error`: the result the model sees."""
 
     tag: str
     content: str
     start: int  # index of the opening tag in the text
     end: int  # index just past the closing tag
+    error: str = ""
 
 
 def stop_strings(tags: Iterable[str]) -> list[str]:

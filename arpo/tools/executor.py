@@ -14,6 +14,10 @@ on timing, and a `sync_tools` rollout stays a function of its seed.
     results = ex.run_many([call, ...])          # same order; each has .text, .ok, .latency_s
     futures = ex.submit_many([call, ...])       # the rollout's way: one future per call
     appended = ex.format(results[0])            # " <result>\\n...\\n</result>"
+
+How calls and results look to the model is `ex.protocol`'s business (`arpo.tools.protocol`: `tags`, the default,
+or `hermes`); the executor's `stop_strings`, `parse` and `format` ask it. A call the protocol marked with an
+`error` (malformed, unknown tool) is answered with that error, without running anything.
 """
 from __future__ import annotations
 
@@ -24,7 +28,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Iterable
 
-from arpo.tools.base import Tool, ToolCall, ToolResult, format_result, parse_call, stop_strings, truncate
+from arpo.tools.base import Tool, ToolCall, ToolResult, truncate
+from arpo.tools.protocol import TagsProtocol
 
 
 class LRUCache:
@@ -62,24 +67,25 @@ class ToolExecutor:
     """Thread-pool runner over tools keyed by tag (a dict, or an iterable of tools)."""
 
     def __init__(self, tools: dict[str, Tool] | Iterable[Tool], max_workers: int = 8,
-                 timeout_s: float | None = None, max_result_chars: int | None = 4000, cache_size: int = 1024):
+                 timeout_s: float | None = None, max_result_chars: int | None = 4000, cache_size: int = 1024,
+                 protocol=None):
         self.tools = dict(tools) if isinstance(tools, dict) else {t.tag: t for t in tools}
         if not self.tools:
             raise ValueError("ToolExecutor needs at least one tool")
+        self.protocol = protocol if protocol is not None else TagsProtocol(self.tools)
         self.timeout_s, self.max_result_chars = timeout_s, max_result_chars
         self.cache = LRUCache(cache_size)
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="arpo-tool")
 
     @property
     def stop_strings(self) -> list[str]:
-        return stop_strings(self.tools)
+        return list(self.protocol.stop_strings)
 
     def parse(self, text: str) -> ToolCall | None:
-        return parse_call(text, self.tools)
+        return self.protocol.parse(text)
 
-    @staticmethod
-    def format(result: ToolResult) -> str:
-        return format_result(result.text)
+    def format(self, result: ToolResult) -> str:
+        return self.protocol.result_text(result)
 
     def run(self, call: ToolCall) -> ToolResult:
         """Run one call in the calling thread (cached, truncated, never raising)."""
@@ -91,6 +97,9 @@ class ToolExecutor:
         results: list[ToolResult | None] = [None] * len(calls)
         todo: dict[str, list[int]] = {}
         for i, call in enumerate(calls):
+            if call.error:
+                results[i] = ToolResult.failure(call.error)
+                continue
             tool = self.tools.get(call.tag)
             if tool is None:
                 results[i] = ToolResult.failure(f"Error: unknown tool <{call.tag}>")
@@ -131,7 +140,7 @@ class ToolExecutor:
         futures: list[Future | None] = [None] * len(calls)
         shared: dict[str, list[int]] = {}
         for i, call in enumerate(calls):
-            if getattr(self.tools.get(call.tag), "batchable", False):
+            if not call.error and getattr(self.tools.get(call.tag), "batchable", False):
                 shared.setdefault(call.tag, []).append(i)
             else:
                 futures[i] = self.submit(call)

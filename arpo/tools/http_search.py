@@ -33,6 +33,8 @@ class HttpSearch(BaseTool):
     """Search through a service: `HttpSearch(url, protocol="retriever").run("query") -> ToolResult`."""
 
     name = tag = "search"
+    description = "Search a text corpus and return the most relevant passages."
+    argument, argument_description = "query", "the search query"
 
     def __init__(self, url: str, top_k: int = 3, timeout_s: float = 10.0, retries: int = 2,
                  backoff_s: float = 0.5, max_passage_chars: int = 600, max_result_chars: int = 3000,

@@ -79,6 +79,8 @@ class PythonSandbox(BaseTool):
     """
 
     name = tag = "python"
+    description = "Run Python code in a sandbox (no network) and return what it prints."
+    argument, argument_description = "code", "the Python source to run; print() what you need"
 
     def __init__(
         self,

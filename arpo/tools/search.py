@@ -55,6 +55,8 @@ class LocalSearch(BaseTool):
     """BM25 search over a JSONL corpus: `LocalSearch("corpus.jsonl", top_k=3).run("query") -> ToolResult`."""
 
     name = tag = "search"
+    description = "Search a text corpus and return the most relevant passages."
+    argument, argument_description = "query", "the search query"
 
     def __init__(self, corpus_path: str, top_k: int = 3, max_passage_chars: int = 600,
                  max_result_chars: int = 3000, cache_dir: str | None = DEFAULT_CACHE):

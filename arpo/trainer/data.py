@@ -1,8 +1,12 @@
 """Prompts for training and evaluation: the embedded task or JSONL / parquet files, encoded one way everywhere.
 
 Rows hold `prompt` (text, or a list of chat messages `{role, content}`), `answer` (string, number or list of
-strings) and `data_source` (field names configurable in `data.*_key`); other fields go to the reward as `**row`.
-A malformed row raises `DataError` naming the file and row. Prompts are encoded by `encode_prompt`: the
+strings) and `data_source`; other fields go to the reward as `**row`. The fields are named by `data.*_key`, a
+key or a dotted path into nested objects (`reward_model.ground_truth`). verl's row schema — the one the ARPO
+reference's parquet files use: `prompt` as chat messages, `reward_model: {ground_truth, style}`, `data_source`,
+`extra_info` — is recognised as it is: with the default `data.answer_key`, a row without `answer` takes its answer
+from `reward_model.ground_truth` (a verl `{"target": [...]}` ground truth gives its targets). A malformed row
+raises `DataError` naming the file, the row and the field. Prompts are encoded by `encode_prompt`: the
 tokenizer's chat template when it has one and `data.chat_template` is on (with `data.system_prompt` first and the
 generation prompt appended), otherwise the raw text with the tokenizer's BOS in front when it has one. SFT, RL
 and evaluation all use it, so the model sees the same prompt format in all three.
@@ -60,6 +64,8 @@ def _check_prompt(prompt, where: str):
 
 
 def _check_answer(answer, where: str):
+    if isinstance(answer, dict) and "target" in answer:  # verl's search ground truth: {"target": [...]}
+        answer = answer["target"]
     if isinstance(answer, bool) or answer is None:
         raise DataError(f"{where}: 'answer' must be a string, a number or a list of strings, got {answer!r}")
     if isinstance(answer, (int, float)):
@@ -71,8 +77,40 @@ def _check_answer(answer, where: str):
     raise DataError(f"{where}: 'answer' must be a string, a number or a non-empty list of strings, got {answer!r}")
 
 
+_MISSING = object()
+DEFAULT_ANSWER_KEY = "answer"
+VERL_ANSWER_KEY = "reward_model.ground_truth"  # where a verl-format row keeps its answer
+
+
+def lookup(row: dict, key: str):
+    """`row[key]`, else the dotted path `key` through nested objects; `_MISSING` when neither exists."""
+    if key in row:
+        return row[key]
+    value = row
+    for part in key.split("."):
+        if not (isinstance(value, dict) and part in value):
+            return _MISSING
+        value = value[part]
+    return value
+
+
+def _answer_keys(section) -> tuple[str, ...]:
+    """Where a row's answer may be: the configured key, and verl's place when the key is the default."""
+    if section.answer_key == DEFAULT_ANSWER_KEY:
+        return (DEFAULT_ANSWER_KEY, VERL_ANSWER_KEY)
+    return (section.answer_key,)
+
+
+def _field(row: dict, keys: tuple[str, ...], where: str):
+    for key in keys:
+        value = lookup(row, key)
+        if value is not _MISSING:
+            return value
+    raise DataError(f"{where}: missing field {' or '.join(keys)} (have {', '.join(map(str, row))})")
+
+
 def load_rows(path: str, section) -> list[dict]:
-    """Validated `{prompt, answer, data_source, **extra}` rows of one file (keys renamed from data.*_key)."""
+    """Validated `{prompt, answer, data_source, **extra}` rows of one file (fields found by data.*_key)."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
     out = []
@@ -80,16 +118,16 @@ def load_rows(path: str, section) -> list[dict]:
         where = f"{path}, row {i}"
         if not isinstance(row, dict):
             raise DataError(f"{where}: expected an object, got {type(row).__name__}")
-        keys = (section.prompt_key, section.answer_key)
-        missing = [k for k in keys if k not in row]
-        if missing:
-            raise DataError(f"{where}: missing field(s) {', '.join(missing)} (have {', '.join(map(str, row))})")
-        source = row.get(section.data_source_key, "")
+        prompt = _field(row, (section.prompt_key,), where)
+        answer = _field(row, _answer_keys(section), where)
+        source = lookup(row, section.data_source_key)
+        source = "" if source is _MISSING else source
         if not isinstance(source, str):
             raise DataError(f"{where}: '{section.data_source_key}' must be a string")
-        extra = {k: v for k, v in row.items() if k not in (*keys, section.data_source_key)}
-        out.append(dict(extra, prompt=_check_prompt(row[section.prompt_key], where),
-                        answer=_check_answer(row[section.answer_key], where), data_source=source))
+        extra = {k: v for k, v in row.items() if k not in (section.prompt_key, section.answer_key,
+                                                           section.data_source_key)}
+        out.append(dict(extra, prompt=_check_prompt(prompt, where), answer=_check_answer(answer, where),
+                        data_source=source))
     if not out:
         raise DataError(f"{path}: no rows")
     return out
@@ -126,16 +164,21 @@ def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def encode_prompt(tokenizer, prompt, section) -> list[int]:
-    """Token ids of a prompt (text or chat messages) as the policy sees it."""
+def encode_prompt(tokenizer, prompt, section, protocol=None) -> list[int]:
+    """Token ids of a prompt (text or chat messages) as the policy sees it; a tool `protocol`
+    (`arpo.tools.protocol`) renders the chat template its way (hermes: with the tools' schemas)."""
     if section.chat_template and has_chat_template(tokenizer):
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         if section.system_prompt and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": section.system_prompt}] + messages
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # transformers 5 may return a BatchEncoding
-            ids = ids["input_ids"]
-        return [int(t) for t in ids]
+        if protocol is not None:
+            return protocol.render_prompt(tokenizer, messages)
+        from arpo.tools.protocol import template_ids
+
+        return template_ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+    if getattr(protocol, "name", "tags") != "tags":
+        raise DataError(f"tools.protocol={protocol.name} shows the tools through the chat template: it needs a "
+                        "tokenizer with one and data.chat_template=true")
     if not isinstance(prompt, str):
         prompt = "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
     ids = list(tokenizer.encode(prompt, add_special_tokens=False))
@@ -143,11 +186,12 @@ def encode_prompt(tokenizer, prompt, section) -> list[int]:
     return ([int(bos)] if bos is not None else []) + [int(t) for t in ids]
 
 
-def prompt_inputs(rows: list[dict], tokenizer, section) -> list[PromptInput]:
-    """Rows → rollout inputs; prompts longer than data.max_prompt_tokens are dropped."""
+def prompt_inputs(rows: list[dict], tokenizer, section, protocol=None) -> list[PromptInput]:
+    """Rows → rollout inputs (rendered for the tool `protocol`); prompts longer than data.max_prompt_tokens are
+    dropped."""
     out = []
     for row in rows:
-        ids = encode_prompt(tokenizer, row["prompt"], section)
+        ids = encode_prompt(tokenizer, row["prompt"], section, protocol)
         if len(ids) > section.max_prompt_tokens:
             continue
         extra = {k: v for k, v in row.items() if k not in ("prompt", "answer", "data_source")}

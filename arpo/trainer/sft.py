@@ -6,8 +6,11 @@ and tool-result spans (` <result>\\n…\\n</result>`, which the tool writes at r
 after the answer is trained, so the model learns to stop.
 
 Traces: the embedded task's demonstrations (`arpo.data.task_demo_segments`), or `sft.train_files` — JSONL rows with a
-`prompt` and either `segments: [[text, trainable], ...]` or a `response` text whose ` <result>…</result>` spans
-are masked automatically. Batches are packed end to end (varlen attention, no padding); the log-likelihood goes
+`prompt` and either `segments: [[text, trainable], ...]` or a `response` text whose tool results are masked
+automatically: ` <result>…</result>` spans under `tools.protocol=tags`, the chat template's tool turns
+(`<|im_end|>\n<|im_start|>user\n<tool_response>\n…\n</tool_response><|im_end|>\n<|im_start|>assistant\n` for
+Qwen) under `hermes`, whose prompts also carry the tools' schemas, as in RL. Batches are packed end to end (varlen
+attention, no padding); the log-likelihood goes
 through the fused `linear_logprobs_entropy`, never materialising [tokens, vocab] logits. The optimiser is AdamW
 with sft.lr, optim.weight_decay and optim.grad_clip, and PyTorch's default betas (optim.betas are the RL's).
 Where to stop: `sft.stop_accuracy` (the running share of training traces that greedy decoding would reproduce)
@@ -25,17 +28,16 @@ import torch
 from arpo.engine.stop_ids import primary_eos
 from arpo.jsonl import read_jsonl
 from arpo.trainer.data import DataError, PromptSampler, encode_prompt
+from arpo.tools.protocol import TagsProtocol
 from arpo.trainer.metrics import progress_bar
 
-_RESULT_SPAN = re.compile(r"( <result>\n.*?\n</result>)", re.S)
+def _segments_of_response(text: str, span: re.Pattern = TagsProtocol.result_span) -> list[tuple[str, bool]]:
+    """`text` cut into (piece, trainable): the tool results (`span`, one capture group) are not trained."""
+    parts = span.split(text)
+    return [(p, not span.fullmatch(p)) for p in parts if p]
 
 
-def _segments_of_response(text: str) -> list[tuple[str, bool]]:
-    parts = _RESULT_SPAN.split(text)
-    return [(p, not _RESULT_SPAN.fullmatch(p)) for p in parts if p]
-
-
-def _trace_rows(path: str) -> list[dict]:
+def _trace_rows(path: str, span: re.Pattern = TagsProtocol.result_span) -> list[dict]:
     rows = []
     for lineno, row in read_jsonl(path, DataError):
         where = f"{path}, row {lineno}"
@@ -50,17 +52,19 @@ def _trace_rows(path: str) -> list[dict]:
         else:
             if not isinstance(row["response"], str):
                 raise DataError(f"{where}: 'response' must be a string")
-            segs = _segments_of_response(row["response"])
+            segs = _segments_of_response(row["response"], span)
         rows.append({"prompt": row["prompt"], "segments": segs})
     if not rows:
         raise DataError(f"{path}: no traces")
     return rows
 
 
-def load_traces(cfg) -> list[dict]:
-    """`{prompt, segments}` demonstrations: sft.train_files, or the embedded task's."""
+def load_traces(cfg, protocol=None) -> list[dict]:
+    """`{prompt, segments}` demonstrations: sft.train_files (results found as `protocol` writes them), or the
+    embedded task's."""
     if cfg.sft.train_files:
-        return [r for f in cfg.sft.train_files for r in _trace_rows(f)]
+        span = (protocol or TagsProtocol({})).result_span
+        return [r for f in cfg.sft.train_files for r in _trace_rows(f, span)]
     from arpo.data import task_demo_segments, task_examples
 
     exs = task_examples(cfg.data, cfg.data.embedded_train_size, "train", cfg.train.seed)
@@ -68,11 +72,12 @@ def load_traces(cfg) -> list[dict]:
 
 
 def tokenize_trace(tokenizer, trace: dict, data_section, max_tokens: int,
-                   eos_id: int | None = None) -> tuple[list[int], list[int]]:
-    """(ids, mask): prompt (mask 0), segments (mask = trainable), EOS (mask 1); cut to `max_tokens`.
+                   eos_id: int | None = None, protocol=None) -> tuple[list[int], list[int]]:
+    """(ids, mask): prompt (mask 0, rendered for the tool `protocol`), segments (mask = trainable), EOS (mask 1);
+    cut to `max_tokens`.
 
     `eos_id` (default: the tokenizer's) is the end the model learns to write: one the engine stops on."""
-    ids = encode_prompt(tokenizer, trace["prompt"], data_section)
+    ids = encode_prompt(tokenizer, trace["prompt"], data_section, protocol)
     mask = [0] * len(ids)
     for text, trainable in trace["segments"]:
         seg = list(tokenizer.encode(text, add_special_tokens=False))
@@ -152,7 +157,11 @@ def run_sft(model, tokenizer, cfg, logger=None, progress: bool = True, stop_loss
     if stop_accuracy is not None and not 0.0 < stop_accuracy <= 1.0:
         raise ValueError(f"sft.stop_accuracy must be in (0, 1], got {stop_accuracy}")
     eos_id = primary_eos(model.config, tokenizer)  # in the engine's stop set, whichever file declared it
-    traces = [tokenize_trace(tokenizer, tr, cfg.data, s.max_tokens, eos_id) for tr in load_traces(cfg)]
+    from arpo.build import build_protocol
+
+    protocol = build_protocol(cfg, tokenizer)
+    traces = [tokenize_trace(tokenizer, tr, cfg.data, s.max_tokens, eos_id, protocol)
+              for tr in load_traces(cfg, protocol)]
     sampler = PromptSampler(traces, s.batch_size, cfg.train.seed, shuffle=True)
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=cfg.optim.weight_decay)  # default betas
     model.train()

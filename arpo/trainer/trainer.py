@@ -158,14 +158,14 @@ class Trainer:
         self.optimizer, self.lr_scheduler = build_optimizer(self.model, cfg.optim, cfg.train.steps)
         if ck is not None:
             self._restore_optimizer(ck)
-        self.tools = build_tools(cfg)
+        self.tools = build_tools(cfg, self.tokenizer)
         self.reward_fn = build_reward(cfg)
         leaves = max(cfg.rollout.leaves, cfg.train.eval_samples)
         self.engine = build_engine(self.model, self.tokenizer, cfg, self.local_prompts * leaves + 64,
                                    sharded=self.sharded, kv_dtype=self.decode_dtype)
         self.rollout = build_rollout(self.engine, self.tools, self.reward_fn, cfg)
-        self.train_prompts = prompt_inputs(train_rows(cfg), self.tokenizer, cfg.data)
-        self.eval_prompts = prompt_inputs(eval_rows(cfg), self.tokenizer, cfg.data)
+        self.train_prompts = prompt_inputs(train_rows(cfg), self.tokenizer, cfg.data, self.tools.protocol)
+        self.eval_prompts = prompt_inputs(eval_rows(cfg), self.tokenizer, cfg.data, self.tools.protocol)
         self.prompt_sampler = PromptSampler(self.train_prompts, cfg.train.batch_prompts, cfg.train.seed, cfg.data.shuffle)
         # DAPO's extra rounds draw from a stream of their own, so the step schedule stays what GRPO's is
         self.extra_sampler = PromptSampler(self.train_prompts, cfg.train.batch_prompts, cfg.train.seed + EXTRA_SEED,

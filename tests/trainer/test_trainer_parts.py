@@ -40,7 +40,7 @@ def test_load_rows_accepts_text_chat_and_lists(tmp_path):
 
 @pytest.mark.parametrize("line, msg", [
     ('{"prompt": "x", "answer": "1"', "invalid JSON"),
-    ('{"answer": "1", "data_source": "m"}', "missing field(s) prompt"),
+    ('{"answer": "1", "data_source": "m"}', "missing field prompt"),
     ('{"prompt": "  ", "answer": "1"}', "prompt is empty"),
     ('{"prompt": [{"role": "user"}], "answer": "1"}', "chat message 0"),
     ('{"prompt": "x", "answer": null}', "'answer' must be"),
