@@ -74,24 +74,33 @@ def _completion_logprobs(c: Choice, ids=None, lps=None) -> S.CompletionLogprobs:
 
 
 async def _stream_completion(server, req, request, job, queue, choices, agent, rid, created, want_lp, P):
+    def choice(c, text, finish, new_ids, new_lps):
+        return {"index": c.index, "text": text, "finish_reason": c.finish_reason if finish else None,
+                "logprobs": _completion_logprobs(c, new_ids, new_lps).model_dump() if want_lp and new_lps else None}
+
     base = {"id": rid, "object": "text_completion", "created": created, "model": server.model_name}
+    async for chunk in _stream_events(server, req, request, job, queue, choices, base, P, choice):
+        yield chunk
+
+
+async def _stream_events(server, req, request, job, queue, choices, base, P, choice):
+    """The SSE body both endpoints share: one write per batch of events (several steps when the front end is
+    behind), each event a chunk whose choice `choice(c, text, finish, new_ids, new_logprobs)` shapes, with the
+    token's id and entropy (or the tool record) under `arpo`; usage when asked; `[DONE]`."""
     try:
         async for evs in server.follow(request, job, queue):
-            out = []  # one write per batch of events (several steps when the front end is behind)
+            out = []
             for ev in evs:
                 c = choices[ev[1]]
                 n_lp = len(c.logprobs)
                 text, record = c.apply(ev)
-                choice = {"index": c.index, "text": text, "logprobs": None,
-                          "finish_reason": c.finish_reason if ev[0] == "finish" else None}
-                if want_lp and len(c.logprobs) > n_lp:
-                    choice["logprobs"] = _completion_logprobs(c, c.sampled_ids()[n_lp:],
-                                                              c.logprobs[n_lp:]).model_dump()
+                new_lps = c.logprobs[n_lp:]
+                item = choice(c, text, ev[0] == "finish", c.sampled_ids()[n_lp:] if new_lps else [], new_lps)
                 if ev[0] == "token":
-                    choice["arpo"] = {"token_id": ev[2], "entropy": ev[4]}
+                    item["arpo"] = {"token_id": ev[2], "entropy": ev[4]}
                 elif record is not None:
-                    choice["arpo"] = {record["type"]: record}
-                out.append(_sse(dict(base, choices=[choice])))
+                    item["arpo"] = {record["type"]: record}
+                out.append(_sse(dict(base, choices=[item])))
             yield "".join(out)
     except APIError as exc:
         yield _sse(exc.body())
@@ -130,31 +139,14 @@ def _chat_logprobs(c: Choice, ids, lps) -> S.ChoiceLogprobs:
 
 
 async def _stream_chat(server, req, request, job, queue, choices, agent, rid, created, P):
+    def choice(c, text, finish, new_ids, new_lps):
+        return {"index": c.index, "delta": {"content": text} if text else {},
+                "finish_reason": c.finish_reason if finish else None,
+                "logprobs": _chat_logprobs(c, new_ids, new_lps).model_dump() if req.logprobs and new_lps else None}
+
     base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": server.model_name}
     for c in choices:
         yield _sse(dict(base, choices=[{"index": c.index, "delta": {"role": "assistant", "content": ""},
                                         "logprobs": None, "finish_reason": None}]))
-    try:
-        async for evs in server.follow(request, job, queue):
-            out = []
-            for ev in evs:
-                c = choices[ev[1]]
-                n_lp = len(c.logprobs)
-                text, record = c.apply(ev)
-                finish = ev[0] == "finish"
-                choice = {"index": c.index, "delta": {"content": text} if text else {}, "logprobs": None,
-                          "finish_reason": c.finish_reason if finish else None}
-                if req.logprobs and len(c.logprobs) > n_lp:
-                    choice["logprobs"] = _chat_logprobs(c, c.sampled_ids()[n_lp:], c.logprobs[n_lp:]).model_dump()
-                if ev[0] == "token":
-                    choice["arpo"] = {"token_id": ev[2], "entropy": ev[4]}
-                elif record is not None:
-                    choice["arpo"] = {record["type"]: record}
-                out.append(_sse(dict(base, choices=[choice])))
-            yield "".join(out)
-    except APIError as exc:
-        yield _sse(exc.body())
-        return
-    if req.stream_options and req.stream_options.include_usage:
-        yield _sse(dict(base, choices=[], usage=server.usage(P, choices, req.n).model_dump()))
-    yield "data: [DONE]\n\n"
+    async for chunk in _stream_events(server, req, request, job, queue, choices, base, P, choice):
+        yield chunk
