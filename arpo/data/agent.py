@@ -187,12 +187,19 @@ def python_output(code: str) -> str:
     return str(eval(expr, {"__builtins__": {}}))  # noqa: S307 - digits and + - * only, checked above
 
 
+@lru_cache(maxsize=4096)
+def _default_search_text(query: str) -> str:
+    """The default tool's result for `query` (deterministic; SFT draws tens of thousands of traces over ~50
+    distinct queries)."""
+    return agent_search_tool().run(query).text
+
+
 def agent_demo_segments(example: Example, search=None) -> list[tuple[str, bool]]:
     """The gold trace as `(text, trainable)` segments: each call, its real result (untrained), the answer."""
-    search = search or agent_search_tool()
+    run_search = (lambda q: search.run(q).text) if search is not None else _default_search_text
     segments: list[tuple[str, bool]] = []
     for tool, content in example.meta["calls"]:
-        result = search.run(content).text if tool == "search" else python_output(content)
+        result = run_search(content) if tool == "search" else python_output(content)
         segments += [(f"<{tool}>{content}</{tool}>", True), (format_result(result), False)]
     return segments + [(f"<answer>{example.answer}</answer>", True)]
 

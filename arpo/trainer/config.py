@@ -101,6 +101,10 @@ class SftConfig:
     lr: float = opt(1e-5, "SFT learning rate (AdamW, optim.weight_decay and grad_clip apply)", gt=0)
     batch_size: int = opt(32, "traces per SFT step", gt=0)
     train_files: list[str] = opt([], "JSONL traces; empty = demonstrations of the embedded task")
+    embedded_traces: Optional[int] = opt(None, "embedded task: demonstrations drawn for SFT (null = "
+                                               "data.embedded_train_size, the RL questions). At least sft.steps x "
+                                               "sft.batch_size means no trace is seen twice, so the cold start has "
+                                               "to read the tool results instead of memorising answers", gt=0)
     max_tokens: int = opt(4096, "traces longer than this are truncated", gt=0)
     stop_loss: Optional[float] = opt(None, "stop SFT once the running loss (EMA over ~20 steps, after >= 50 steps) "
                                            "is below this; null = run all sft.steps", gt=0)

@@ -67,7 +67,8 @@ def load_traces(cfg, protocol=None) -> list[dict]:
         return [r for f in cfg.sft.train_files for r in _trace_rows(f, span)]
     from arpo.data import task_demo_segments, task_examples
 
-    exs = task_examples(cfg.data, cfg.data.embedded_train_size, "train", cfg.train.seed)
+    n = cfg.sft.embedded_traces or cfg.data.embedded_train_size
+    exs = task_examples(cfg.data, n, "train", cfg.train.seed)
     return [{"prompt": ex.prompt, "segments": task_demo_segments(ex)} for ex in exs]
 
 

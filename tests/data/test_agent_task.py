@@ -163,3 +163,27 @@ def test_agent_task_reaches_sft_and_the_embedded_model(preset, tmp_path):
     assert len(load_tokenizer(path)) == len(load_agent_tokenizer())
     with open(os.path.join(path, "config.json")) as f:
         assert json.load(f)["vocab_size"] == len(load_agent_tokenizer())
+
+
+def test_sft_draws_its_own_trace_count_from_the_training_split(preset):
+    """`sft.embedded_traces` sets how many demonstrations SFT draws (default: the RL questions' count); all of them
+    are training-split questions, and the cached default search gives the same results as a fresh tool."""
+    from dataclasses import replace
+
+    from arpo.data.agent import agent_search_tool, question_split
+    from arpo.data.embedded import Example
+    from arpo.trainer.sft import load_traces
+
+    small = replace(preset, data=replace(preset.data, embedded_train_size=12))
+    assert len(load_traces(small)) == 12
+    more = replace(small, sft=replace(small.sft, embedded_traces=300))
+    traces = load_traces(more)
+    assert len(traces) == 300
+    prompts = {tr["prompt"] for tr in traces}
+    assert len(prompts) > 200  # fresh arithmetic and direct questions, search kinds cycling through their pool
+    held = {ex.prompt for ex in agent.agent_examples(128, "heldout", 0)}
+    assert not prompts & held
+    ex = next(e for e in agent.agent_examples(50, "train", 3) if e.data_source == TWOHOP)
+    assert question_split(ex) == "train"
+    fresh = agent_demo_segments(Example(ex.prompt, ex.answer, ex.data_source, ex.meta), search=agent_search_tool())
+    assert agent_demo_segments(ex) == fresh
