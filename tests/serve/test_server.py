@@ -36,7 +36,6 @@ def served(checkpoint):
     server = build_server(checkpoint, H.config(), ServeSettings(model_name=MODEL), tools=["python"])
     with ServerThread(server) as st:
         yield st
-    server.tools.close()
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +166,7 @@ def test_queue_full_is_503_and_names_the_limit(checkpoint):
     server = build_server(checkpoint, H.config(), ServeSettings(model_name=MODEL, max_requests=1))
     with ServerThread(server) as st:
         c = openai.OpenAI(base_url=st.url + "/v1", api_key="none", max_retries=0, timeout=120)
-        server.loop.pause()  # the first request stays in flight until resumed
+        server.engine.pause()  # the first request stays in flight until resumed
         first = {}
         t = threading.Thread(target=lambda: first.setdefault("r", c.completions.create(
             model=MODEL, prompt=QUESTION, max_tokens=8, temperature=0)))
@@ -176,13 +175,13 @@ def test_queue_full_is_503_and_names_the_limit(checkpoint):
         with pytest.raises(openai.APIStatusError) as err:
             c.completions.create(model=MODEL, prompt=QUESTION, max_tokens=8)
         assert err.value.status_code == 503 and "max_requests=1" in err.value.body["message"]
-        server.loop.resume()
+        server.engine.resume()
         t.join(60)
         assert first["r"].choices[0].finish_reason == "length"
 
 
 def test_a_client_disconnecting_mid_stream_frees_its_blocks(served):
-    loop = served.server.loop
+    loop = served.server.engine
     before = _health(served)
     body = {"model": MODEL, "prompt": QUESTION, "max_tokens": 400, "temperature": 1.0, "n": 3, "stream": True,
             "arpo": {"agent": False, "ignore_eos": True}}
