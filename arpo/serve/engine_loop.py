@@ -34,6 +34,7 @@ import queue
 import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass, field, replace
 
 from arpo.engine import SamplingParams
@@ -79,7 +80,9 @@ class EngineLoop:
         self._owner: dict[int, tuple[Job, int]] = {}   # seq id -> (job, choice index; -1 for an anchor)
         self._paused = False
         self._stop = False
-        self.counters = {"jobs": 0, "cancelled": 0, "errors": 0}
+        # idle_s: time blocked with nothing to run (waiting for requests); with `steps`, tells an engine that waits
+        # on its front end from one that is busy
+        self.counters = {"jobs": 0, "cancelled": 0, "errors": 0, "steps": 0, "idle_s": 0.0}
         self._out: list = []           # (job id, events) of this turn, sent together by `_flush`
         self._acks: list = []
         self._sent: dict | None = None
@@ -108,6 +111,7 @@ class EngineLoop:
             self._flush()
 
     def _step(self) -> None:
+        self.counters["steps"] += 1
         try:
             outs = self.engine.step()
         except Exception as exc:  # noqa: BLE001 - a failed step ends its jobs, never the server
@@ -128,7 +132,12 @@ class EngineLoop:
 
     def _apply(self, block: bool) -> None:
         try:
-            cmd = self._inbox.get() if block else self._inbox.get_nowait()
+            if block:
+                t0 = time.perf_counter()
+                cmd = self._inbox.get()
+                self.counters["idle_s"] = round(self.counters["idle_s"] + time.perf_counter() - t0, 4)
+            else:
+                cmd = self._inbox.get_nowait()
         except queue.Empty:
             return
         while True:

@@ -70,6 +70,8 @@ def run_forever(server) -> None:
           flush=True)
     try:
         _uvicorn(server).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown: a normal way to stop
+        print("arpo serve: stopped", flush=True)
     finally:
         server.engine.close()
 
