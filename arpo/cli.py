@@ -362,13 +362,13 @@ def _tool_list(text: str | None) -> list[str] | None:
 
 
 def _serve_parts(args: argparse.Namespace, max_seqs: int):
-    """(config, engine, tools) for `serve` and `chat`: the checkpoint's own config (or the one given) with the
-    overrides, as `arpo eval` reads it."""
-    from arpo.serve.server import load_parts
+    """(config, engine process client) for `serve` and `chat`: the checkpoint's own config (or the one given) with
+    the overrides, as `arpo eval` reads it; the engine and tools are built in the engine process, whose start-up
+    errors (a bad checkpoint, an unknown tool) are raised here."""
+    from arpo.serve.engine_client import EngineClient
 
     cfg = _eval_config(args)
-    engine, tools = load_parts(args.checkpoint, cfg, max_seqs, _tool_list(args.tools))
-    return cfg, engine, tools
+    return cfg, EngineClient(args.checkpoint, cfg, max_seqs, _tool_list(args.tools))
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -381,11 +381,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return _fail(RuntimeError(f"{exc}; install the server with: pip install 'arpo[serve]'"))
     try:
         settings = from_arguments(args)
-        cfg, engine, tools = _serve_parts(args, settings.max_seqs)
+        cfg, engine = _serve_parts(args, settings.max_seqs)
     except (*_user_errors(), ValueError) as exc:
         return _fail(exc)
     name = settings.model_name or os.path.basename(os.path.normpath(args.checkpoint))
-    run_forever(Server(engine, tools, cfg.data, settings, name))
+    run_forever(Server(engine, cfg.data, settings, name))
     return 0
 
 
@@ -395,7 +395,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
     try:
         settings = from_arguments(args, ChatSettings)
-        cfg, engine, tools = _serve_parts(args, 4)
+        cfg, engine = _serve_parts(args, 4)
     except (*_user_errors(), ValueError) as exc:
         return _fail(exc)
     try:
@@ -403,10 +403,9 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     except ImportError:  # pragma: no cover - not on every platform
         pass
     try:
-        ChatSession(engine, tools, cfg.data, settings).run()
+        ChatSession(engine, cfg.data, settings).run()
     finally:
-        if tools is not None:
-            tools.close()
+        engine.close()
     return 0
 
 

@@ -8,9 +8,10 @@ overrides (`arpo.serve.server.load_parts`). What is measured, per case of `concu
 
 - `offline-generate` (baseline): `engine.generate` on the requests, c at a time (the batch width the server
   sees), in this process, no HTTP.
-- `server`: `arpo serve` on the checkpoint in a child process on 127.0.0.1; a client here (httpx, asyncio) keeps
-  c streamed `/v1/completions` requests in flight until all are answered. On a machine with fewer free cores
-  than the three busy threads (client, HTTP front end, engine loop), they take turns on the CPU.
+- `server`: `arpo serve` on the checkpoint in a child process on 127.0.0.1 (its engine in a process of its own);
+  a client here (httpx, asyncio) keeps c streamed `/v1/completions` requests in flight until all are answered.
+  On a machine with fewer free cores than the three busy processes (client, HTTP front end, engine), they take
+  turns on the CPU.
 
 `ms` is one pass over all requests, so "speed vs offline-generate" is the server's throughput as a share of the
 offline engine's. Extra columns (printed under the table, saved with --out): requests/s, sampled tokens/s, time

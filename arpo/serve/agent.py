@@ -6,7 +6,7 @@ keep decoding; when the future is done its callback posts a command to the engin
 ` <result>…</result>` to the sequence with `extend` (prefilled into the same cache) and lets it sample on.
 A closing tag without its opening one is plain text (the choice resumes); after `max_tool_calls` calls tool tags
 stay plain text; a result that would pass the model's context ends the choice with finish reason `length`.
-All methods run on the engine-loop thread.
+All methods run on the engine process's loop (its main thread).
 """
 from __future__ import annotations
 

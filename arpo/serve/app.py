@@ -2,10 +2,12 @@
 
     GET  /v1/models  /health        POST /v1/completions  /v1/chat/completions   (stream: server-sent events)
 
-Everything here runs on the asyncio thread; the engine is touched only by the engine loop's thread (see
-`engine_loop.py`). A request is validated, admitted (at most `max_requests` at once, else 503), submitted as a
-`Job`, and its events are consumed from an asyncio queue. A client that disconnects — streamed or not — has its
-job cancelled, which releases its sequences and their KV blocks at the loop's next turn. Stream chunks are plain
+Everything here runs on the asyncio thread; the engine runs in its own process (`engine_loop.py`, reached
+through `engine_client.EngineClient`), so tokenising, JSON and SSE here never hold up a decode step. A request is
+validated and tokenised here, admitted (at most `max_requests` at once, else 503; also 503 once the engine process
+is gone), submitted as a `Job`, and its events are consumed from an asyncio queue. A client that disconnects —
+streamed or not — has its job cancelled, which releases its sequences and their KV blocks at the engine's next
+turn. Stream chunks are plain
 dicts serialised with `json.dumps` (they are built once per token per choice; pydantic would double the cost),
 in exactly the shapes of the response models in `schemas.py`.
 """
@@ -18,24 +20,25 @@ import time
 import uuid
 
 from fastapi import FastAPI, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from arpo.engine import SamplingParams
 from arpo.serve import schemas as S
 from arpo.serve.choices import Choice
-from arpo.serve.engine_loop import EngineLoop, Job
+from arpo.serve.engine_loop import Job
 from arpo.serve.errors import APIError, bad_param, install
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the context left
 
 
 class Server:
-    def __init__(self, engine, tools, data_section, settings, model_name: str):
-        self.engine, self.tools, self.data_section, self.settings = engine, tools, data_section, settings
+    def __init__(self, engine, data_section, settings, model_name: str):
+        """`engine`: an `EngineClient` (the engine process); the server closes it when it shuts down."""
+        self.engine, self.data_section, self.settings = engine, data_section, settings
+        self.tools = engine.tools          # the tool names the engine process runs, or None
         self.tokenizer = engine.tokenizer
         self.model_name = model_name
         self.max_model_len = engine.max_model_len
-        self.loop = EngineLoop(engine, tools)
         self.in_flight = 0
         self.created = int(time.time())
         self._mailbox: Mailbox | None = None
@@ -59,9 +62,9 @@ class Server:
         return tuple(stops), agent
 
     def _job(self, req, prompt_ids: list[int], prompt_param: str, max_tokens: int | None, default_max: int | None,
-             stops: tuple[str, ...], agent: bool, emit) -> Job:
+             stops: tuple[str, ...], agent: bool) -> Job:
         P = len(prompt_ids)
-        vocab = self.engine.model.config.vocab_size
+        vocab = self.engine.vocab_size
         bad = [t for t in prompt_ids if not 0 <= t < vocab]
         if bad:
             raise bad_param(prompt_param, f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
@@ -79,32 +82,35 @@ class Server:
         params = SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=max(req.top_k, 0),
                                 max_tokens=max_tokens, stop=stops, ignore_eos=req.arpo.ignore_eos)
         calls = self.settings.max_tool_calls if req.arpo.max_tool_calls is None else req.arpo.max_tool_calls
-        return Job(prompt_ids, params, req.n, emit, seed=req.seed, agent=agent, max_tool_calls=calls)
+        return Job(prompt_ids, params, req.n, seed=req.seed, agent=agent, max_tool_calls=calls)
 
     # --- running ------------------------------------------------------------------------------------------------
     def _admit(self) -> None:
+        if not self.engine.alive:
+            raise APIError(503, f"the engine is not running: {self.engine.exit_reason}", code="engine_dead")
         if self.in_flight >= self.settings.max_requests:
             raise APIError(503, f"server busy: {self.in_flight} requests in flight (max_requests="
                            f"{self.settings.max_requests}); retry later", code="queue_full")
         self.in_flight += 1
 
     async def run(self, request: Request, make_job):
-        """Admit, submit and follow one request; yields each step's list of events until the job is over."""
+        """Admit one request and build its job; `follow` submits it and yields its events."""
         self._admit()
-        queue: asyncio.Queue = asyncio.Queue()
+        try:
+            job = make_job()
+        except BaseException:
+            self.in_flight -= 1
+            raise
+        return job, asyncio.Queue()
+
+    async def follow(self, request: Request, job: Job, queue: asyncio.Queue):
+        """Submit `job` and yield each burst of its events (one engine step, or several when this request was
+        behind) until it is over; a client that goes away cancels it."""
         aloop = asyncio.get_running_loop()
         if self._mailbox is None or self._mailbox.aloop is not aloop:
             self._mailbox = Mailbox(aloop)
         post = self._mailbox.post
-        try:
-            job = make_job(lambda evs: post(queue, evs))
-        except BaseException:
-            self.in_flight -= 1
-            raise
-        return job, queue
-
-    async def follow(self, request: Request, job: Job, queue: asyncio.Queue):
-        self.loop.submit(job)
+        self.engine.submit(job, lambda evs: post(queue, evs))
         watch = asyncio.ensure_future(_disconnected(request, queue))
         finished = 0
         try:
@@ -122,7 +128,7 @@ class Server:
         finally:
             watch.cancel()
             if finished < job.n:
-                self.loop.cancel(job)
+                self.engine.cancel(job)
             self.in_flight -= 1
 
     def usage(self, prompt_len: int, choices: list[Choice], n: int) -> S.Usage:
@@ -134,9 +140,10 @@ class Server:
 
 
 class Mailbox:
-    """Events from the engine-loop thread to the requests' asyncio queues, with one wake-up of the event loop per
-    burst rather than one per request per step: each wake-up is a write to the loop's self-pipe and a hand-over
-    of the interpreter lock, and at 32 streams that per-request cost was a third of the server's time."""
+    """Events from the engine client's reader thread to the requests' asyncio queues, with one wake-up of the
+    event loop per burst rather than one per request per step: each wake-up is a write to the loop's self-pipe and
+    a hand-over of the interpreter lock, and at 32 streams that per-request cost was a third of the server's
+    time."""
 
     def __init__(self, aloop: asyncio.AbstractEventLoop):
         self.aloop = aloop
@@ -145,7 +152,7 @@ class Mailbox:
         self._scheduled = False
 
     def post(self, queue: asyncio.Queue, evs: list) -> None:
-        """Called on the engine-loop thread."""
+        """Called on the engine client's reader thread."""
         with self._lock:
             self._pending.append((queue, evs))
             if self._scheduled:
@@ -180,11 +187,10 @@ def create_app(server: Server) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app):
-        server.loop.start()
         try:
             yield
         finally:
-            await asyncio.get_running_loop().run_in_executor(None, server.loop.close)
+            await asyncio.get_running_loop().run_in_executor(None, server.engine.close)
 
     app = FastAPI(title="arpo serve", lifespan=lifespan)
     app.state.server = server
@@ -192,8 +198,14 @@ def create_app(server: Server) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": server.model_name, "requests_in_flight": server.in_flight,
-                **server.loop.snapshot}
+        """The engine's counters as of its last step (free KV blocks, sequences, jobs, cancelled, errors); 503 with
+        the reason once the engine process is gone."""
+        body = {"status": "ok", "model": server.model_name, "requests_in_flight": server.in_flight,
+                "engine_pid": server.engine.pid, **server.engine.snapshot}
+        if not server.engine.alive:
+            body.update(status="engine_dead", error=server.engine.exit_reason)
+            return JSONResponse(body, status_code=503)
+        return body
 
     @app.get("/v1/models", response_model=S.ModelList)
     async def models():

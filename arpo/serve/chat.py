@@ -1,7 +1,7 @@
 """`arpo chat CHECKPOINT [--tools python,search]`: a terminal conversation with a checkpoint, in process.
 
-The same machinery as `arpo serve` without HTTP: one `EngineLoop` owns the engine, each turn is a `Job` whose
-events a `Choice` turns into text (so the prompt format, the agent's tool protocol and the streamed text are the
+The same machinery as `arpo serve` without HTTP: the engine process (`EngineClient`) owns the engine, each turn
+is a `Job` whose events a `Choice` turns into text (so the prompt format, the agent's tool protocol and the streamed text are the
 server's, byte for byte). The history is the list of messages; each turn's prompt is the whole history through
 `chat_prompt_ids` (the checkpoint's chat template, or the plain format of the embedded character tokenizer), and
 the assistant's reply goes back into it as the model produced it — tool calls and `<result>` blocks included,
@@ -18,7 +18,7 @@ import sys
 
 from arpo.engine import SamplingParams
 from arpo.serve.choices import Choice
-from arpo.serve.engine_loop import EngineLoop, Job
+from arpo.serve.engine_loop import Job
 from arpo.serve.text import chat_prompt_ids
 from arpo.serve.settings import ChatSettings
 
@@ -28,46 +28,42 @@ REPLY = "agent> "
 
 class ChatSession:
     """One conversation. `read()` returns the next input line (raises EOFError at the end); `write(text)`
-    shows text (no newline added). Runs on the calling thread; the engine runs on the loop's thread."""
+    shows text (no newline added). Runs on the calling thread; the engine runs in its process (`engine`, an
+    `EngineClient`; whoever started it closes it)."""
 
-    def __init__(self, engine, tools, data_section, settings: ChatSettings | None = None,
-                 read=input, write=None):
-        self.engine, self.tools, self.data_section = engine, tools, data_section
+    def __init__(self, engine, data_section, settings: ChatSettings | None = None, read=input, write=None):
+        self.engine, self.data_section = engine, data_section
+        self.tools = engine.tools            # the tool names the engine process runs, or None
         self.settings = settings or ChatSettings()
         self.tokenizer = engine.tokenizer
         self.read = read
         self.write = write or _stdout_write
         self.messages: list[dict] = []
         self.turns = 0
-        self.loop = EngineLoop(engine, tools)
 
     # --- the session --------------------------------------------------------------------------------------------
     def run(self) -> None:
-        self.loop.start()
-        try:
-            self.write(self._banner())
-            while True:
-                try:
-                    line = self.read(PROMPT)
-                except KeyboardInterrupt:
-                    self.write("\n(Ctrl-C stops a reply; /exit or Ctrl-D leaves)\n")
-                    continue
-                except EOFError:
-                    self.write("\n")
+        self.write(self._banner())
+        while True:
+            try:
+                line = self.read(PROMPT)
+            except KeyboardInterrupt:
+                self.write("\n(Ctrl-C stops a reply; /exit or Ctrl-D leaves)\n")
+                continue
+            except EOFError:
+                self.write("\n")
+                return
+            line = line.strip()
+            if not line:
+                continue
+            if line.startswith("/"):
+                if self._command(line):
                     return
-                line = line.strip()
-                if not line:
-                    continue
-                if line.startswith("/"):
-                    if self._command(line):
-                        return
-                    continue
-                self.reply(line)
-        finally:
-            self.loop.close()
+                continue
+            self.reply(line)
 
     def _banner(self) -> str:
-        tools = ", ".join(self.tools.tools) if self.tools is not None else "none"
+        tools = ", ".join(self.tools) if self.tools is not None else "none"
         return (f"arpo chat: context {self.engine.max_model_len} tokens, tools: {tools}. "
                 "/reset forgets the history, /exit leaves, Ctrl-C stops a reply.\n")
 
@@ -95,26 +91,26 @@ class ChatSession:
                        "/reset to start over)\n")
             return None
         events: queue.SimpleQueue = queue.SimpleQueue()
-        job = self._job(ids, min(self.settings.max_tokens, room - 1), events.put)
+        job = self._job(ids, min(self.settings.max_tokens, room - 1))
         choice = Choice(0, self.tokenizer, ())
         self.turns += 1
         self.write(REPLY)
-        self.loop.submit(job)
+        self.engine.submit(job, events.put)
         try:
             self._follow(job, events, choice)
         except KeyboardInterrupt:
-            self.loop.cancel(job)
+            self.engine.cancel(job)
             self.write(" [interrupted]")
         self.write("\n")
         if choice.text:
             self.messages.append({"role": "assistant", "content": choice.text})
         return choice
 
-    def _job(self, ids: list[int], max_tokens: int, emit) -> Job:
+    def _job(self, ids: list[int], max_tokens: int) -> Job:
         s = self.settings
         params = SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_tokens=max_tokens)
         seed = None if s.seed < 0 else s.seed + self.turns
-        return Job(ids, params, 1, emit, seed=seed, agent=self.tools is not None, max_tool_calls=s.max_tool_calls)
+        return Job(ids, params, 1, seed=seed, agent=self.tools is not None, max_tool_calls=s.max_tool_calls)
 
     def _follow(self, job: Job, events: queue.SimpleQueue, choice: Choice) -> None:
         while True:

@@ -19,8 +19,8 @@ from arpo.serve.text import chat_prompt_ids, message_text
 
 async def _start(server, req, request, prompt_ids, prompt_param, max_tokens, default_max):
     stops, agent = server._check_common(req)
-    job, queue = await server.run(request, lambda emit: server._job(
-        req, prompt_ids, prompt_param, max_tokens, default_max, stops, agent, emit))
+    job, queue = await server.run(request, lambda: server._job(
+        req, prompt_ids, prompt_param, max_tokens, default_max, stops, agent))
     choices = [Choice(i, server.tokenizer, stops) for i in range(req.n)]
     return job, queue, choices, agent
 

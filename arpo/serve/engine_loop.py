@@ -1,11 +1,22 @@
-"""The one thread that owns the `LLMEngine`: it applies requests' commands between steps and streams tokens out.
+"""The engine process: the one place that owns the `LLMEngine`; it applies the front end's commands between steps
+and streams each step's events back in one message.
 
-The HTTP front end is asyncio; the engine is synchronous and not thread-safe. Instead of a lock around
-`generate` (one request at a time), every mutation of the engine happens on this thread: the front end puts
-commands in an inbox (add a job, cancel it, a tool call finished, pause), the thread applies all that are waiting,
-runs one `step()` over every live sequence (continuous batching: requests join and leave between steps), and
-hands each job its step's events through the job's `emit` callback (thread-safe, one call per job per step).
-When nothing is running the thread blocks on the inbox: no polling.
+The HTTP front end (asyncio, uvicorn, pydantic, JSON per token) and the engine (a tight Python loop around torch)
+used to share one interpreter lock, so at 32 streams each slowed the other (the server reached 0.41-0.65x the
+offline engine's tokens/s). As vLLM splits AsyncLLM from its EngineCore, the engine now runs in a process of its
+own (`engine_main`, started by `engine_client.EngineClient`), talking over two one-way pipes:
+
+    front end -> engine   ("add", Job) ("cancel", job id) ("pause" | "resume", ack token) ("stop", reason)
+    engine -> front end   ("ready", info) | ("failed", exception)           once, at start
+                          ("batch", [(job id, events), ...], snapshot, [ack tokens])   per step / command burst
+                          ("closed",)                                        last
+
+Every mutation of the engine happens on this process's main thread: a reader thread turns pipe messages into
+inbox commands (as do the tool executor's callbacks), the loop applies all that are waiting, runs one `step()`
+over every live sequence (continuous batching: requests join and leave between steps), and sends that step's
+events of all jobs together with the engine's counters (free KV blocks, sequences, ...: the front end's
+`/health`). When nothing is running the loop blocks on the inbox: no polling. A front end that goes away (its end
+of the command pipe closes, even when it was killed) stops the loop, so the process never outlives it.
 
 A job is one request: one prompt, `n` choices. With n > 1 the prompt is prefilled once by an anchor sequence that
 samples one throw-away token; the n choices are `fork`ed from it (they share its KV blocks) and the anchor is
@@ -18,10 +29,13 @@ content), ("result", i, ToolResult, result_token_ids), ("finish", i, finish_reas
 """
 from __future__ import annotations
 
+import pickle
 import queue
+import signal
+import sys
 import threading
+import time
 from dataclasses import dataclass, field, replace
-from typing import Callable
 
 from arpo.engine import SamplingParams
 from arpo.engine.sequence import mix_seed
@@ -29,14 +43,16 @@ from arpo.engine.sequence import mix_seed
 
 @dataclass(eq=False)
 class Job:
+    """What the front end sends for one request (pickled); the engine process fills in the state below."""
+
     prompt_ids: list[int]
     params: SamplingParams          # the user's sampling (user stop strings only)
     n: int
-    emit: Callable[[list[tuple]], None]
     seed: int | None = None
     agent: bool = False
     max_tool_calls: int = 0
-    # engine-thread state
+    id: int = -1                    # set by the front end when it submits the job
+    # engine-process state
     seq_ids: list = field(default_factory=list)
     calls: list = field(default_factory=list)
     done: list = field(default_factory=list)
@@ -50,74 +66,78 @@ class Job:
 
 
 class EngineLoop:
-    def __init__(self, engine, tools=None):
+    """The loop of the engine process (runs on its main thread, `run()`); `put` is its thread-safe inbox."""
+
+    def __init__(self, engine, tools, send):
         from arpo.serve.agent import ToolTurns
 
         self.engine = engine
-        self.turns = ToolTurns(engine, tools, self._inbox_put) if tools is not None else None
+        self.tools = tools
+        self.send = send
+        self.turns = ToolTurns(engine, tools, self.put) if tools is not None else None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._jobs: dict[int, Job] = {}
         self._owner: dict[int, tuple[Job, int]] = {}   # seq id -> (job, choice index; -1 for an anchor)
         self._paused = False
         self._stop = False
-        self.counters = {"jobs": 0, "cancelled": 0, "errors": 0}
-        self.snapshot: dict = {}
-        self._take_snapshot()
-        self._thread = threading.Thread(target=self._run, name="arpo-engine-loop", daemon=True)
+        # idle_s: time blocked with nothing to run (waiting for requests); with `steps`, tells an engine that waits
+        # on its front end from one that is busy
+        self.counters = {"jobs": 0, "cancelled": 0, "errors": 0, "steps": 0, "idle_s": 0.0}
+        self._out: list = []           # (job id, events) of this turn, sent together by `_flush`
+        self._acks: list = []
+        self._sent: dict | None = None
 
-    # --- called from any thread --------------------------------------------------------------------------------
-    def start(self) -> "EngineLoop":
-        self._thread.start()
-        return self
-
-    def submit(self, job: Job) -> None:
-        self._inbox_put(("add", job))
-
-    def cancel(self, job: Job) -> None:
-        self._inbox_put(("cancel", job))
-
-    def pause(self) -> None:
-        """Stop stepping after the current step (commands are still applied); returns once the loop holds.
-        For updating weights in place between steps, and for tests that need a request to stay in flight."""
-        self._ack("pause")
-
-    def resume(self) -> None:
-        self._ack("resume")
-
-    def close(self, timeout: float = 30.0) -> None:
-        self._inbox_put(("stop",))
-        self._thread.join(timeout)
-
-    def _ack(self, kind: str) -> None:
-        done = threading.Event()
-        self._inbox_put((kind, done))
-        if not done.wait(60.0):
-            raise RuntimeError(f"engine loop did not acknowledge {kind!r} within 60 s")
-
-    def _inbox_put(self, cmd: tuple) -> None:
+    def put(self, cmd: tuple) -> None:
         self._inbox.put(cmd)
 
-    # --- the thread ----------------------------------------------------------------------------------------------
-    def _run(self) -> None:
+    def info(self) -> dict:
+        """What the front end needs to validate requests without the engine (sent once, with "ready")."""
+        return {"max_model_len": self.engine.max_model_len, "vocab_size": self.engine.model.config.vocab_size,
+                "tools": list(self.tools.tools) if self.tools is not None else None,
+                "snapshot": self.snapshot()}
+
+    def snapshot(self) -> dict:
+        bm = self.engine.block_manager
+        return {"free_blocks": bm.num_free_blocks, "num_blocks": bm.num_blocks, "sequences": len(self.engine.seqs),
+                "paused": self._paused, **self.counters}
+
+    # --- the loop -----------------------------------------------------------------------------------------------
+    def run(self) -> None:
         while not self._stop:
             busy = not self._paused and self.engine.has_unfinished()
             self._apply(block=not busy)
-            if self._stop or self._paused or not self.engine.has_unfinished():
-                continue
-            try:
-                outs = self.engine.step()
-            except Exception as exc:  # noqa: BLE001 - a failed step ends its jobs, never the server
-                self._fail_all(f"engine step failed: {type(exc).__name__}: {exc}")
-                continue
-            events: dict[Job, list] = {}
-            for out in outs:
-                self._on_token(out, events)
-            for job, evs in events.items():
-                job.emit(evs)
-            self._take_snapshot()
+            if not self._stop and not self._paused and self.engine.has_unfinished():
+                self._step()
+            self._flush()
+
+    def _step(self) -> None:
+        self.counters["steps"] += 1
+        try:
+            outs = self.engine.step()
+        except Exception as exc:  # noqa: BLE001 - a failed step ends its jobs, never the server
+            self._fail_all(f"engine step failed: {type(exc).__name__}: {exc}")
+            return
+        events: dict[Job, list] = {}
+        for out in outs:
+            self._on_token(out, events)
+        for job, evs in events.items():
+            self._emit(job, evs)
+
+    def _flush(self) -> None:
+        """One message per turn of the loop: every job's events, the counters, the acknowledgements."""
+        snap = self.snapshot()
+        if self._out or self._acks or snap != self._sent:
+            self.send(("batch", self._out, snap, self._acks))
+            self._out, self._acks, self._sent = [], [], snap
 
     def _apply(self, block: bool) -> None:
         try:
-            cmd = self._inbox.get() if block else self._inbox.get_nowait()
+            if block:
+                t0 = time.perf_counter()
+                cmd = self._inbox.get()
+                self.counters["idle_s"] = round(self.counters["idle_s"] + time.perf_counter() - t0, 4)
+            else:
+                cmd = self._inbox.get_nowait()
         except queue.Empty:
             return
         while True:
@@ -126,33 +146,32 @@ class EngineLoop:
                 cmd = self._inbox.get_nowait()
             except queue.Empty:
                 break
-        self._take_snapshot()
 
     def _command(self, cmd: tuple) -> None:
         kind = cmd[0]
         if kind == "add":
             self._add(cmd[1])
         elif kind == "cancel":
-            self._cancel(cmd[1])
+            job = self._jobs.get(cmd[1])
+            if job is not None:
+                self._cancel(job)
         elif kind == "tool":
             job, i, future = cmd[1:]
             if not job.over:
-                self._emit_one(job, self.turns.on_result(job, i, future, self._finish))
+                self._emit(job, self.turns.on_result(job, i, future, self._finish))
         elif kind in ("pause", "resume"):
             self._paused = kind == "pause"
-            cmd[1].set()
+            self._acks.append(cmd[1])
         elif kind == "stop":
-            self._fail_all("server shutting down")
+            self._fail_all(cmd[1])
             self._stop = True
-
-    def _take_snapshot(self) -> None:
-        bm = self.engine.block_manager
-        self.snapshot = {"free_blocks": bm.num_free_blocks, "num_blocks": bm.num_blocks,
-                         "sequences": len(self.engine.seqs), "paused": self._paused, **self.counters}
+        else:
+            raise ValueError(f"unknown engine command {kind!r}")
 
     # --- jobs -------------------------------------------------------------------------------------------------------
     def _add(self, job: Job) -> None:
         self.counters["jobs"] += 1
+        self._jobs[job.id] = job
         job.seq_ids, job.calls, job.done = [None] * job.n, [0] * job.n, [False] * job.n
         try:
             if job.n == 1:
@@ -201,12 +220,14 @@ class EngineLoop:
         job.done[i] = True
         if all(job.done):
             job.over = True
+            self._jobs.pop(job.id, None)
         return [("finish", i, reason, stop)]
 
     def _cancel(self, job: Job) -> None:
         if job.over:
             return
         job.over = True
+        self._jobs.pop(job.id, None)
         self.counters["cancelled"] += 1
         for i, sid in enumerate(job.seq_ids):
             if sid is not None and not job.done[i]:
@@ -223,12 +244,77 @@ class EngineLoop:
         self._cancel(job)
         self.counters["cancelled"] -= 1
         self.counters["errors"] += 1
-        job.emit([("error", message)])
+        self._emit(job, [("error", message)])
 
     def _fail_all(self, message: str) -> None:
-        for job in {job for job, _ in list(self._owner.values())}:
+        for job in list(self._jobs.values()):
             self._error(job, message)
 
-    def _emit_one(self, job: Job, evs: list) -> None:
+    def _emit(self, job: Job, evs: list) -> None:
         if evs:
-            job.emit(evs)
+            self._out.append((job.id, evs))
+
+
+# ---------------------------------------------------------------------------------------------------- the process
+def engine_main(commands_fd: int, out_fd: int) -> None:
+    """The engine process (`python -m arpo.serve.engine_loop COMMANDS_FD EVENTS_FD`): read the start message
+    (checkpoint, run config, max_seqs, tools), build the engine (and tools) as a run builds them, say "ready" (or
+    why not), then run the loop until the front end says stop or goes away. Ctrl-C is the front end's to handle (a
+    terminal sends it to the whole process group); SIGTERM closes the tools on the way out."""
+    from multiprocessing.connection import Connection
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    commands, out = Connection(commands_fd, writable=False), Connection(out_fd, readable=False)
+    executor = None
+    try:
+        from arpo.serve.server import load_parts
+
+        try:
+            _, checkpoint, cfg, max_seqs, tools = commands.recv()
+        except EOFError:
+            return  # the front end went away before it said what to load
+
+        engine, executor = load_parts(checkpoint, cfg, max_seqs, tools)
+        loop = EngineLoop(engine, executor, out.send)
+    except BaseException as exc:  # noqa: BLE001 - every start-up failure goes back to the front end, named
+        if executor is not None:
+            executor.close()
+        out.send(("failed", _portable(exc)))
+        return
+    reader = threading.Thread(target=_read_commands, args=(commands, loop.put), name="arpo-engine-commands",
+                              daemon=True)
+    try:
+        out.send(("ready", loop.info()))
+        reader.start()
+        loop.run()
+        out.send(("closed",))
+    except OSError:  # the front end went away while we were sending: nobody to answer
+        pass
+    finally:
+        if executor is not None:
+            executor.close()
+
+
+def _read_commands(commands, put) -> None:
+    try:
+        while True:
+            put(commands.recv())
+    except (EOFError, OSError):  # the front end closed its end or died
+        put(("stop", "the front end went away"))
+
+
+def _portable(exc: BaseException) -> BaseException:
+    """`exc` when it survives pickling (ConfigError, CheckpointError, ...: the CLI names them), else a
+    RuntimeError with its text."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:  # noqa: BLE001
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+
+
+if __name__ == "__main__":
+    from arpo.serve.engine_loop import engine_main as _main  # the importable copy: Job pickles by that name
+
+    _main(int(sys.argv[1]), int(sys.argv[2]))

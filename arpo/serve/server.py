@@ -2,10 +2,11 @@
 
     server = build_server("runs/embedded/step_000040", cfg, ServeSettings(port=8000), tools=["python"])
     run_forever(server)                               # `arpo serve`
-    with ServerThread(server) as url: ...             # tests and benchmarks: a free port on 127.0.0.1
+    with ServerThread(server) as st: ... st.url       # tests: a free port on 127.0.0.1
 
 Model, tokenizer, engine and tools are built by the run's one builder (`arpo.build`: `load_policy`,
-`build_engine`, `build_tools`), so a served checkpoint decodes exactly as it did in training and evaluation.
+`build_engine`, `build_tools`), so a served checkpoint decodes exactly as it did in training and evaluation; the
+engine and the tools are built in the engine process (`load_parts` runs there, see `engine_client.py`).
 """
 from __future__ import annotations
 
@@ -33,11 +34,14 @@ def load_parts(checkpoint: str, cfg, max_seqs: int, tools: list[str] | None = No
 
 
 def build_server(checkpoint: str, cfg, settings: ServeSettings, tools: list[str] | None = None):
+    """The server on the checkpoint, its engine process started and ready (start-up errors raise here: a bad
+    checkpoint or tool name is refused before anything listens)."""
     from arpo.serve.app import Server
+    from arpo.serve.engine_client import EngineClient
 
-    engine, executor = load_parts(checkpoint, cfg, settings.max_seqs, tools)
+    engine = EngineClient(checkpoint, cfg, settings.max_seqs, tools)
     name = settings.model_name or os.path.basename(os.path.normpath(checkpoint))
-    return Server(engine, executor, cfg.data, settings, name)
+    return Server(engine, cfg.data, settings, name)
 
 
 def _socket(host: str, port: int) -> socket.socket:
@@ -62,12 +66,14 @@ def run_forever(server) -> None:
     sock = _socket(server.settings.host, server.settings.port)
     host, port = sock.getsockname()[:2]
     print(f"arpo serve: {server.model_name} on http://{host}:{port}/v1  (max_model_len {server.max_model_len}, "
-          f"tools: {', '.join(server.tools.tools) if server.tools else 'none'})", flush=True)
+          f"tools: {', '.join(server.tools) if server.tools else 'none'}; engine process {server.engine.pid})",
+          flush=True)
     try:
         _uvicorn(server).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown: a normal way to stop
+        print("arpo serve: stopped", flush=True)
     finally:
-        if server.tools is not None:
-            server.tools.close()
+        server.engine.close()
 
 
 class ServerThread:
@@ -97,3 +103,4 @@ class ServerThread:
         self._uv.should_exit = True
         self._thread.join(30)
         self._sock.close()
+        self.server.engine.close()  # done by the lifespan already, unless uvicorn never got that far

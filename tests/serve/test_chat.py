@@ -49,14 +49,18 @@ def test_chat_in_a_terminal_runs_a_tool_and_shows_call_and_result(tmp_path):
 # ---------------------------------------------------------------------------------------------------- in process
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory):
-    """The embedded checkpoint (a fresh one, as `arpo train` creates it) on an engine with room for 4 sequences."""
+    """The embedded checkpoint (a fresh one, as `arpo train` creates it), an engine on it here (the reference
+    outputs), and an engine process on it with room for 4 sequences (the sessions' engine)."""
     from arpo.build import create_embedded_model
+    from arpo.serve.engine_client import EngineClient
     from arpo.serve.server import load_parts
 
     cfg = H.config()
     path = create_embedded_model(cfg.model, str(tmp_path_factory.mktemp("chat") / "embedded"))
     engine, _ = load_parts(path, cfg, 4)
-    return cfg, engine
+    served = EngineClient(path, cfg, 4)
+    yield cfg, engine, served
+    served.close()
 
 
 class Script:
@@ -87,9 +91,9 @@ def _greedy(engine, ids, max_tokens):
 
 
 def test_multi_turn_history_reaches_the_model_and_reset_forgets_it(embedded):
-    cfg, engine = embedded
+    cfg, engine, served = embedded
     script = Script(["Q: 12+3=?", "Q: 4*5=?", "/reset", "/nope", "Q: 4*5=?", "/exit"])
-    session = ChatSession(engine, None, cfg.data, ChatSettings(temperature=0, max_tokens=12), script.read,
+    session = ChatSession(served, cfg.data, ChatSettings(temperature=0, max_tokens=12), script.read,
                           script.write)
     replies = []
     real_reply = session.reply
@@ -104,11 +108,11 @@ def test_multi_turn_history_reaches_the_model_and_reset_forgets_it(embedded):
     alone = chat_prompt_ids(tok, [{"role": "user", "content": "Q: 4*5=?"}], cfg.data)
     assert c3.text == _greedy(engine, alone, 12)           # turn 3 did not
     assert "(history cleared)" in script.text and "unknown command '/nope'" in script.text
-    assert session.loop.snapshot["free_blocks"] == session.loop.snapshot["num_blocks"]
+    assert session.engine.snapshot["free_blocks"] == session.engine.snapshot["num_blocks"]
 
 
 def test_ctrl_c_stops_the_reply_frees_its_blocks_and_keeps_the_session(embedded):
-    cfg, engine = embedded
+    cfg, engine, served = embedded
     armed = {"on": True}
 
     def interrupt_on_first_token(script, text):
@@ -117,21 +121,22 @@ def test_ctrl_c_stops_the_reply_frees_its_blocks_and_keeps_the_session(embedded)
             signal.raise_signal(signal.SIGINT)                # what Ctrl-C in the terminal delivers
 
     script = Script(["Q: 12+3=?", "Q: 4*5=?"], interrupt_on_first_token)
-    session = ChatSession(engine, None, cfg.data, ChatSettings(temperature=1, max_tokens=60, seed=3), script.read,
+    cancelled = served.snapshot["cancelled"]
+    session = ChatSession(served, cfg.data, ChatSettings(temperature=1, max_tokens=60, seed=3), script.read,
                           script.write)
     session.run()
     assert "[interrupted]" in script.text
     assert script.text.count(PROMPT) == 3 and script.text.count(REPLY) == 2   # the session went on
     assert [m["role"] for m in session.messages][:1] == ["user"]
-    H.wait_for(lambda: session.loop.snapshot["free_blocks"] == session.loop.snapshot["num_blocks"],
+    H.wait_for(lambda: session.engine.snapshot["free_blocks"] == session.engine.snapshot["num_blocks"],
                what="the interrupted reply's blocks to be freed")
-    assert session.loop.counters["cancelled"] == 1
+    assert session.engine.snapshot["cancelled"] == cancelled + 1
 
 
 def test_a_history_longer_than_the_context_is_refused_with_the_counts(embedded):
-    cfg, engine = embedded
+    cfg, engine, served = embedded
     script = Script(["x" * (engine.max_model_len + 5)])
-    session = ChatSession(engine, None, cfg.data, ChatSettings(temperature=0, max_tokens=4), script.read,
+    session = ChatSession(served, cfg.data, ChatSettings(temperature=0, max_tokens=4), script.read,
                           script.write)
     session.run()
     assert f"the context is {engine.max_model_len}" in script.text and "/reset" in script.text

@@ -36,7 +36,6 @@ def served(checkpoint):
     server = build_server(checkpoint, H.config(), ServeSettings(model_name=MODEL), tools=["python"])
     with ServerThread(server) as st:
         yield st
-    server.tools.close()
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +166,7 @@ def test_queue_full_is_503_and_names_the_limit(checkpoint):
     server = build_server(checkpoint, H.config(), ServeSettings(model_name=MODEL, max_requests=1))
     with ServerThread(server) as st:
         c = openai.OpenAI(base_url=st.url + "/v1", api_key="none", max_retries=0, timeout=120)
-        server.loop.pause()  # the first request stays in flight until resumed
+        server.engine.pause()  # the first request stays in flight until resumed
         first = {}
         t = threading.Thread(target=lambda: first.setdefault("r", c.completions.create(
             model=MODEL, prompt=QUESTION, max_tokens=8, temperature=0)))
@@ -176,13 +175,13 @@ def test_queue_full_is_503_and_names_the_limit(checkpoint):
         with pytest.raises(openai.APIStatusError) as err:
             c.completions.create(model=MODEL, prompt=QUESTION, max_tokens=8)
         assert err.value.status_code == 503 and "max_requests=1" in err.value.body["message"]
-        server.loop.resume()
+        server.engine.resume()
         t.join(60)
         assert first["r"].choices[0].finish_reason == "length"
 
 
 def test_a_client_disconnecting_mid_stream_frees_its_blocks(served):
-    loop = served.server.loop
+    loop = served.server.engine
     before = _health(served)
     body = {"model": MODEL, "prompt": QUESTION, "max_tokens": 400, "temperature": 1.0, "n": 3, "stream": True,
             "arpo": {"agent": False, "ignore_eos": True}}
@@ -240,3 +239,97 @@ def test_agent_mode_transcript_holds_the_real_sandbox_output(client, served):
     assert any("tool_result" in s and s["tool_result"]["output"] == "6516" for s in shown)
     h = _health(served)
     assert h["free_blocks"] == h["num_blocks"] and h["sequences"] == 0
+
+
+def _gone(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_a_dead_engine_process_shows_in_health_and_fails_requests_by_name(checkpoint):
+    import os
+    import signal
+
+    server = build_server(checkpoint, H.config(), ServeSettings(model_name=MODEL))
+    with ServerThread(server) as st:
+        c = openai.OpenAI(base_url=st.url + "/v1", api_key="none", max_retries=0, timeout=120)
+        server.engine.pause()  # a request in flight when the engine dies
+        first = {}
+
+        def ask():
+            try:
+                c.completions.create(model=MODEL, prompt=QUESTION, max_tokens=8, extra_body=PLAIN)
+            except openai.APIStatusError as exc:
+                first["err"] = exc
+
+        t = threading.Thread(target=ask)
+        t.start()
+        H.wait_for(lambda: _health(st)["requests_in_flight"] == 1, what="the request to be admitted")
+        pid = _health(st)["engine_pid"]
+        os.kill(pid, signal.SIGKILL)
+        t.join(60)
+        assert first["err"].status_code == 500 and "engine process exited" in first["err"].body["message"]
+        r = httpx.get(st.url + "/health", timeout=30)
+        assert r.status_code == 503 and r.json()["status"] == "engine_dead"
+        assert "exit code -9" in r.json()["error"]
+        with pytest.raises(openai.APIStatusError) as err:
+            c.completions.create(model=MODEL, prompt=QUESTION, max_tokens=8, extra_body=PLAIN)
+        assert err.value.status_code == 503 and err.value.body["code"] == "engine_dead"
+
+
+def test_shutdown_stops_the_engine_process_and_its_sandboxes(checkpoint):
+    server = build_server(checkpoint, H.config(), ServeSettings(model_name=MODEL), tools=["python"])
+    with ServerThread(server) as st:
+        c = openai.OpenAI(base_url=st.url + "/v1", api_key="none", max_retries=0, timeout=120)
+        r = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": QUESTION}],
+                                      max_tokens=80, temperature=1.0, seed=AGENT_SEED)
+        assert r.choices[0].model_extra["arpo"]["tool_calls"] >= 1   # the sandbox pool is running
+        pid = _health(st)["engine_pid"]
+        kids = _children(pid)
+        assert kids, "the engine process started no sandbox"
+    assert server.engine.process.returncode == 0           # it stopped when asked, not killed
+    assert _gone(pid) and all(_gone(k) for k in kids)
+
+
+def _children(pid: int) -> list[int]:
+    import glob
+
+    out = []
+    for path in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            fields = open(path).read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(path.split("/")[2]))
+    return out
+
+
+def test_the_engine_process_exits_when_its_front_end_is_killed(checkpoint, tmp_path):
+    """A front end killed with SIGKILL runs no cleanup: the engine process must notice its pipe closing."""
+    import os
+    import subprocess
+
+    script = (f"import sys; sys.path.insert(0, {str(__file__.rsplit('/', 1)[0])!r})\n"
+              "import serve_helpers as H\n"
+              "from arpo.serve.engine_client import EngineClient\n"
+              f"e = EngineClient({checkpoint!r}, H.config(), 4)\n"
+              "print(e.pid, flush=True)\n"
+              "import os, signal; os.kill(os.getpid(), signal.SIGKILL)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ))
+    assert proc.returncode == -9, proc.stderr
+    pid = int(proc.stdout.split()[0])
+    H.wait_for(lambda: _gone(pid) or _zombie(pid), what="the orphaned engine process to exit")
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
