@@ -63,12 +63,19 @@ def forced_backend(name: str):
     """Run the enclosed kernel calls on `name` ('torch' | 'triton' | 'auto'), restoring the previous choice."""
     if name not in BACKENDS:
         raise ValueError(f"backend {name!r}: expected one of {', '.join(BACKENDS)}")
-    prev = os.environ.get("ARPO_KERNEL_BACKEND")
-    os.environ["ARPO_KERNEL_BACKEND"] = name
+    with env_override("ARPO_KERNEL_BACKEND", name):
+        yield
+
+
+@contextlib.contextmanager
+def env_override(var: str, value: str):
+    """Set the environment variable `var` to `value` inside the block, restoring (or removing) it after."""
+    prev = os.environ.get(var)
+    os.environ[var] = value
     try:
         yield
     finally:
         if prev is None:
-            os.environ.pop("ARPO_KERNEL_BACKEND", None)
+            os.environ.pop(var, None)
         else:
-            os.environ["ARPO_KERNEL_BACKEND"] = prev
+            os.environ[var] = prev

@@ -19,10 +19,13 @@ one warning, and inside an outer torch.compile trace the eager bodies are used (
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 
 import torch
+
+from arpo_kernels._backend import env_override
 
 _MODES = ("auto", "off")
 _failed: str | None = None  # why compiling failed, once it has
@@ -72,6 +75,15 @@ def mode() -> str:
     if choice not in _MODES:
         raise ValueError(f"ARPO_COMPILE_STATS={choice!r}: expected one of {', '.join(_MODES)}")
     return choice
+
+
+@contextlib.contextmanager
+def forced_mode(choice: str):
+    """Run the enclosed statistics with `ARPO_COMPILE_STATS=choice` ('auto' | 'off'), restoring the previous one."""
+    if choice not in _MODES:
+        raise ValueError(f"ARPO_COMPILE_STATS mode {choice!r}: expected one of {', '.join(_MODES)}")
+    with env_override("ARPO_COMPILE_STATS", choice):
+        yield
 
 
 def available() -> bool:

@@ -1,5 +1,9 @@
 """Per-token log-prob + entropy: naive PyTorch vs torch.compile vs our chunked PyTorch vs our Triton vs Liger.
 
+Our PyTorch path runs twice off CUDA: `arpo-torch` with its chunk bodies compiled by Inductor (the CPU default,
+`arpo_kernels.token_stats_compiled`) and `arpo-torch eager` with `ARPO_COMPILE_STATS=off` (the fallback where
+compiling is impossible), so compiled-vs-eager-vs-naive-vs-torch.compile(naive) sit side by side.
+
 Workloads (each forward + backward unless named `fwd`):
 - `logits fwd`: statistics from given logits (bandwidth-bound: reads T x V once; GB/s reported).
 - `logits`: the same with backward to the logits.
@@ -14,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from arpo_kernels import token_stats_compiled
 from arpo_kernels._backend import forced_backend
 
 DOC = "log-prob + entropy from logits / from hidden states (lm_head fused): time and peak memory vs naive"
@@ -118,11 +123,26 @@ def _linear_provider(stats_from_hidden):
     return make
 
 
-def _forced(backend: str, fn):
-    def wrapped(*args):
-        with forced_backend(backend):
-            return fn(*args)
-    return wrapped
+def _forced(make, backend: str, compile_mode: str = "auto"):
+    """`make` with the whole call (forward and backward) on `backend` and `ARPO_COMPILE_STATS=compile_mode`: the
+    backward dispatches when `.backward()` runs, so wrapping the forward alone would not choose its path."""
+    def forced_make(case: Case):
+        fn = make(case)
+        if fn is None:
+            return None
+
+        def run():
+            with forced_backend(backend), token_stats_compiled.forced_mode(compile_mode):
+                return fn()
+        return run
+    return forced_make
+
+
+def _provider(stats_fn, linear_fn):
+    """A provider: `stats_fn(logits, targets)` on the logits workloads, `linear_fn(hidden, weight, targets)` on
+    the linear one."""
+    return lambda case: (_logits_provider(stats_fn)(case) if case.kind != "linear"
+                         else _linear_provider(linear_fn)(case))
 
 
 def _matmuls_only(case: Case):
@@ -165,19 +185,16 @@ def providers(device: str) -> dict:
     def compiled_linear(h, w, t):
         return _compiled_stats()(h @ w.t(), t)
 
+    ours = _provider(token_logprobs_entropy, linear_logprobs_entropy)
     out = {
-        "naive": lambda case: (_logits_provider(_naive_stats)(case) if case.kind != "linear"
-                               else _linear_provider(naive_linear)(case)),
-        "torch.compile": lambda case: (_logits_provider(lambda x, t: _compiled_stats()(x, t))(case)
-                                       if case.kind != "linear" else _linear_provider(compiled_linear)(case)),
-        "arpo-torch": lambda case: (_logits_provider(_forced("torch", token_logprobs_entropy))(case)
-                                    if case.kind != "linear"
-                                    else _linear_provider(_forced("torch", linear_logprobs_entropy))(case)),
+        "naive": _provider(_naive_stats, naive_linear),
+        "torch.compile": _provider(lambda x, t: _compiled_stats()(x, t), compiled_linear),
+        "arpo-torch": _forced(ours, "torch"),
     }
     if device.startswith("cuda"):
-        out["arpo-triton"] = lambda case: (_logits_provider(_forced("triton", token_logprobs_entropy))(case)
-                                           if case.kind != "linear"
-                                           else _linear_provider(_forced("triton", linear_logprobs_entropy))(case))
+        out["arpo-triton"] = _forced(ours, "triton")
         out["liger (logprob only)"] = _liger_linear
+    else:  # the fallback where Inductor cannot compile the chunk bodies
+        out["arpo-torch eager"] = _forced(ours, "torch", "off")
     out["matmuls"] = _matmuls_only
     return out

@@ -31,6 +31,10 @@ class EngineConfig:
     decode_graphs: Literal["auto", "cuda", "eager", "compile", "off"] = opt(
         "auto", "decode-step path: cuda = captured CUDA graphs, compile = torch.compile'd CPU step, eager = the "
                 "padded path without capture (tests), off = plain forward; auto = cuda on CUDA, else off")
+    decode_overlap: Literal["auto", "on", "off"] = opt(
+        "auto", "launch the next decode step before step() returns, so the device computes it while the host "
+                "handles this step's tokens (dropped, with its K/V kept, when add/fork/extend/resume changes the "
+                "batch); auto = on with CUDA graphs, else off")
     max_model_len: Optional[int] = opt(None, "longest sequence (prompt + response); null = the model's "
                                        "max_position_embeddings", gt=1,
                                        derived="data.max_prompt_tokens + rollout.max_response_tokens + 1")
@@ -52,6 +56,12 @@ class EngineConfig:
         if self.decode_graphs == "auto":
             return "cuda" if device_type == "cuda" else "off"
         return self.decode_graphs
+
+    def resolved_overlap(self, device_type: str) -> bool:
+        """Whether decode steps are launched ahead (auto → on where the decode path is CUDA graphs)."""
+        if self.decode_overlap == "auto":
+            return self.resolved_graphs(device_type) == "cuda"
+        return self.decode_overlap == "on"
 
 
 __all__ = ["EngineConfig", "DECODE_GRAPHS"]

@@ -76,8 +76,12 @@ class LLMEngine:
         self._seed_rng = random.Random(config.seed)
         # prefill/decode tokens: positions newly written to the cache; refed_tokens: positions fed again only for
         # their logits (a forked child's last shared token), whose K/V was already cached.
+        # dropped_steps: steps launched ahead (decode_overlap) and dropped because the batch changed (`sync`).
         self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "refed_tokens": 0, "steps": 0, "preemptions": 0,
-                      "block_copies": 0}
+                      "block_copies": 0, "dropped_steps": 0}
+        self._overlap = config.resolved_overlap(model.device.type)
+        self._ahead = None  # (chunks, LaunchedStep) of the step launched before step() returned
+        self._written_ahead: dict[int, int] = {}  # seq id -> position whose K/V a dropped step wrote
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype | None = None, device=None, tokenizer=None, **kw):
@@ -119,6 +123,7 @@ class LLMEngine:
         if len(prompt_ids) >= self.max_model_len:
             raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room under max_model_len="
                              f"{self.max_model_len}")
+        self.sync()
         seq_id = next(self._ids)
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
         self.seqs[seq_id] = Sequence(seq_id, prompt_ids, len(prompt_ids), params, int(seed) & ((1 << 63) - 1),
@@ -126,10 +131,45 @@ class LLMEngine:
         return seq_id
 
     def step(self) -> list[StepOutput]:
-        """Run one scheduled forward over the active sequences; returns the tokens sampled in it."""
-        active = [s for s in self.seqs.values() if s.status != SequenceStatus.STOPPED]
-        if not active:
-            return []
+        """Run one scheduled forward over the active sequences; returns the tokens sampled in it.
+
+        With `decode_overlap` the next step is launched before this one returns when it is all decodes (the
+        steady state): the device computes it while the caller handles these tokens, and the next `step()` only
+        waits for it. A call that changes what that step would have scheduled (`add`, `fork`, `extend`,
+        `resume`, releasing a sequence it feeds) first drops it (`sync`), so every call returns what the serial
+        engine returns.
+        """
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            active = [s for s in self.seqs.values() if s.status != SequenceStatus.STOPPED]
+            if not active:
+                return []
+            ahead = self._launch(active)
+        outputs = self._collect(*ahead)
+        if self._overlap:
+            active = [s for s in self.seqs.values() if s.status != SequenceStatus.STOPPED]
+            if active and self.scheduler.all_decodes(active):
+                self._ahead = self._launch(active)
+        return outputs
+
+    def sync(self) -> None:
+        """Drop the decode step launched ahead, if any (see `step`); call it before changing the model's weights
+        while sequences are still active, since that step read the old ones.
+
+        The dropped step's K/V writes stay: they are the ones the next step would make (each fed token's K/V at
+        its position). Its sequences' fed tokens are left cached but not computed, so the next step re-feeds them
+        without writing (slot -1, as a fork's last shared token) and samples exactly what the dropped step did.
+        """
+        if self._ahead is not None:
+            chunks, launched = self._ahead
+            launched.result()  # the device is done with the step's inputs and cache writes
+            self._ahead = None
+            self.stats["dropped_steps"] += 1
+            # the re-feed of a token written here counts as its decode (as in the serial engine), not as refed
+            self._written_ahead.update((c.seq.seq_id, c.start) for c in chunks if c.slots[0] >= 0)
+
+    def _launch(self, active: list[Sequence]):
+        """Schedule one step, perform its block copies and launch its forward: (chunks, launched step)."""
         plan = self.scheduler.schedule(active)
         chunks = plan.chunks
         self.stats["preemptions"] += len(plan.preempted)
@@ -138,11 +178,17 @@ class LLMEngine:
         self.runner.copy_blocks(plan.copies)
         self.stats["block_copies"] += len(plan.copies)
         tables = [self.block_manager.block_table(c.seq.seq_id) for c in chunks]
-        sampled, tokens, logprobs, entropies = self.runner.run(chunks, tables)
+        return chunks, self.runner.launch(chunks, tables)
+
+    def _collect(self, chunks, launched) -> list[StepOutput]:
+        """Wait for a launched step's tokens and apply them: computed positions, sampled tokens, stops."""
+        sampled, tokens, logprobs, entropies = launched.result()
         self.stats["steps"] += 1
         for c in chunks:
             c.seq.num_computed = c.start + c.num_tokens
             refed = sum(1 for s in c.slots if s < 0)
+            if self._written_ahead and self._written_ahead.pop(c.seq.seq_id, None) == c.start and c.slots[0] < 0:
+                refed -= 1
             self.stats["refed_tokens"] += refed
             kind = "decode_tokens" if c.num_tokens == 1 and c.samples else "prefill_tokens"
             self.stats[kind] += c.num_tokens - refed
@@ -170,6 +216,7 @@ class LLMEngine:
             raise ValueError(f"fork needs n >= 1 children, got {n}")
         if seeds is not None and len(seeds) != n:
             raise ValueError(f"fork got {len(seeds)} seeds for {n} children")
+        self.sync()
         cached = min(at, self.block_manager.num_tokens(seq_id)) if self.block_manager.has(seq_id) else 0
         cached = min(cached, parent.num_computed)
         children = []
@@ -207,6 +254,7 @@ class LLMEngine:
         if seq.num_tokens + len(token_ids) >= self.max_model_len:
             raise ValueError(f"extend: sequence {seq_id} would reach {seq.num_tokens + len(token_ids)} tokens, "
                              f"max_model_len is {self.max_model_len}")
+        self.sync()
         seq.append_given(token_ids)
         if params is not None:
             seq.params = params
@@ -220,6 +268,7 @@ class LLMEngine:
         seq = self._get(seq_id)
         if seq.status != SequenceStatus.STOPPED:
             raise ValueError(f"resume: sequence {seq_id} is {seq.status.value}, not stopped")
+        self.sync()
         if max_tokens is not None:
             seq.params = replace(seq.params, max_tokens=max_tokens)
         seq.finish_reason = seq.stop_reason = None
@@ -227,9 +276,12 @@ class LLMEngine:
 
     def release(self, seq_id: int) -> Sequence:
         """Forget a sequence and free its cache blocks; returns its final state."""
-        seq = self.seqs.pop(seq_id, None)
-        if seq is None:
+        if seq_id not in self.seqs:
             raise KeyError(f"release: unknown sequence id {seq_id}")
+        if self._ahead is not None and any(c.seq.seq_id == seq_id for c in self._ahead[0]):
+            self.sync()  # a stopped sequence is never in the step ahead: releasing it changes nothing there
+        seq = self.seqs.pop(seq_id)
+        self._written_ahead.pop(seq_id, None)
         if self.block_manager.has(seq_id):
             self.block_manager.free(seq_id)
         return seq

@@ -60,13 +60,18 @@ class ModelRunner:
             is_decode=is_decode, max_seqlen_q=max(c.num_tokens for c in chunks), max_context_len=max(ctx_lens),
         ), cu
 
-    @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk], tables: list[list[int]]):
         """Forward every chunk; returns (sampling chunks, tokens, logprobs, entropies) as host lists."""
+        return self.launch(chunks, tables).result()
+
+    @torch.inference_mode()
+    def launch(self, chunks: list[ScheduledChunk], tables: list[list[int]]) -> "LaunchedStep":
+        """Queue the step's forward and sampling on the device and return without waiting for them (on CUDA the
+        host is free until `result()`; on the CPU the work is done by the time this returns)."""
         padded = self.graphs is not None and all(c.num_tokens == 1 for c in chunks) \
             and self.graphs.fits(len(chunks), max(len(t) for t in tables))
         if padded:
-            return self._run_padded(chunks, tables)
+            return self._launch_padded(chunks, tables)
         dev = self.device
         ids = torch.tensor([t for c in chunks for t in c.seq.token_ids[c.start:c.start + c.num_tokens]],
                            dtype=torch.int64, device=dev)
@@ -76,12 +81,11 @@ class ModelRunner:
         hidden = self.model(ids, pos, ctx)
         sampling = [i for i, c in enumerate(chunks) if c.samples]
         if not sampling:
-            return [], [], [], []
+            return LaunchedStep([], None)
         rows = torch.tensor([cu[i + 1] - 1 for i in sampling], dtype=torch.int64, device=dev)
         logits = self.model.compute_logits(hidden.index_select(0, rows))
         seqs = [chunks[i].seq for i in sampling]
-        host = self._sample_eager(logits, seqs).cpu()  # the step's one sync
-        return ([chunks[i] for i in sampling], host[0].long().tolist(), host[1].tolist(), host[2].tolist())
+        return LaunchedStep([chunks[i] for i in sampling], self._sample_eager(logits, seqs))
 
     def _sample_eager(self, logits: torch.Tensor, seqs: list) -> torch.Tensor:
         """Sample one token per row of `logits` for `seqs`; [3, n] fp64 (tokens, log-probs, entropies)."""
@@ -97,7 +101,7 @@ class ModelRunner:
                                              has_filter=has_filter)
         return torch.stack([tokens.double(), logprobs.double(), entropies.double()])
 
-    def _run_padded(self, chunks: list[ScheduledChunk], tables: list[list[int]]):
+    def _launch_padded(self, chunks: list[ScheduledChunk], tables: list[list[int]]) -> "LaunchedStep":
         """A decode step on the padded path: replayed from a CUDA graph (forward, logits and unfiltered sampling
         together) or the compiled CPU step (forward and logits; sampled here)."""
         seqs = [c.seq for c in chunks]
@@ -108,8 +112,21 @@ class ModelRunner:
             sampled = None if sampled is None else sampled[:, sampling]
         if sampled is None or any(_filters(s.params) for s in seqs):  # top-k/top-p rows: sample eagerly
             sampled = self._sample_eager(logits, seqs)
-        host = sampled.cpu()  # the step's one sync
-        return ([chunks[i] for i in sampling], host[0].long().tolist(), host[1].tolist(), host[2].tolist())
+        return LaunchedStep([chunks[i] for i in sampling], sampled)
+
+
+class LaunchedStep:
+    """A step whose sampled tokens may still be in flight on the device; `result()` is the step's one sync."""
+
+    def __init__(self, chunks: list[ScheduledChunk], sampled: torch.Tensor | None):
+        self.chunks, self.sampled = chunks, sampled  # the sampling chunks; [3, n] fp64 on the device, or None
+
+    def result(self):
+        """(sampling chunks, tokens, logprobs, entropies) as host lists, waiting for the device."""
+        if self.sampled is None:
+            return [], [], [], []
+        host = self.sampled.cpu()
+        return self.chunks, host[0].long().tolist(), host[1].tolist(), host[2].tolist()
 
 
 def _filters(p) -> bool:

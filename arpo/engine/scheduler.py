@@ -113,18 +113,24 @@ class Scheduler:
             budget -= end - start
         return plan
 
+    def all_decodes(self, active: list[Sequence]) -> bool:
+        """Would `schedule(active)` be the steady state of `_all_decodes` (every sequence one decode, no
+        preemption possible)? Changes nothing."""
+        bm = self.bm
+        n = len(active)
+        if n > self.max_num_seqs or n > self.max_num_batched_tokens or bm.num_free_blocks < n:
+            return False
+        return all(seq.status == SequenceStatus.RUNNING and seq.num_pending == 1 and bm.has(seq.seq_id)
+                   for seq in active)
+
     def _all_decodes(self, plan: SchedulePlan, order: list[Sequence]) -> bool:
         """The steady state, scheduled without the general loop's bookkeeping: every active sequence is a running
         decode (one pending token, blocks held) and there are free blocks for one new block each (the most one
         token can need, a copy-on-write included), so no preemption can happen. The same chunks, in the same order,
         as the general loop, put in `plan`; False (and `plan` untouched) when the step is anything else."""
-        bm = self.bm
-        n = len(order)
-        if n > self.max_num_seqs or n > self.max_num_batched_tokens or bm.num_free_blocks < n:
+        if not self.all_decodes(order):
             return False
-        for seq in order:
-            if seq.status != SequenceStatus.RUNNING or seq.num_pending != 1 or not bm.has(seq.seq_id):
-                return False
+        bm = self.bm
         for seq in order:
             start = seq.num_computed
             if bm.num_tokens(seq.seq_id) > start:  # its K/V is already cached (a fork's re-fed last token)
