@@ -58,18 +58,17 @@ def use_triton(tensor: torch.Tensor) -> bool:
     return backend_for(tensor) == "triton"
 
 
-@contextlib.contextmanager
 def forced_backend(name: str):
     """Run the enclosed kernel calls on `name` ('torch' | 'triton' | 'auto'), restoring the previous choice."""
-    if name not in BACKENDS:
-        raise ValueError(f"backend {name!r}: expected one of {', '.join(BACKENDS)}")
-    with env_override("ARPO_KERNEL_BACKEND", name):
-        yield
+    return env_override("ARPO_KERNEL_BACKEND", name, BACKENDS, what="backend")
 
 
 @contextlib.contextmanager
-def env_override(var: str, value: str):
-    """Set the environment variable `var` to `value` inside the block, restoring (or removing) it after."""
+def env_override(var: str, value: str, choices: tuple[str, ...], what: str):
+    """Set the environment variable `var` to `value` (one of `choices`, else a ValueError naming `what`) inside
+    the block, restoring (or removing) it after."""
+    if value not in choices:
+        raise ValueError(f"{what} {value!r}: expected one of {', '.join(choices)}")
     prev = os.environ.get(var)
     os.environ[var] = value
     try:

@@ -19,7 +19,6 @@ one warning, and inside an outer torch.compile trace the eager bodies are used (
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import warnings
 
@@ -77,13 +76,9 @@ def mode() -> str:
     return choice
 
 
-@contextlib.contextmanager
 def forced_mode(choice: str):
     """Run the enclosed statistics with `ARPO_COMPILE_STATS=choice` ('auto' | 'off'), restoring the previous one."""
-    if choice not in _MODES:
-        raise ValueError(f"ARPO_COMPILE_STATS mode {choice!r}: expected one of {', '.join(_MODES)}")
-    with env_override("ARPO_COMPILE_STATS", choice):
-        yield
+    return env_override("ARPO_COMPILE_STATS", choice, _MODES, what="ARPO_COMPILE_STATS mode")
 
 
 def available() -> bool:

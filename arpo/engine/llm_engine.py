@@ -141,16 +141,19 @@ class LLMEngine:
         """
         ahead, self._ahead = self._ahead, None
         if ahead is None:
-            active = [s for s in self.seqs.values() if s.status != SequenceStatus.STOPPED]
+            active = self._active()
             if not active:
                 return []
             ahead = self._launch(active)
         outputs = self._collect(*ahead)
         if self._overlap:
-            active = [s for s in self.seqs.values() if s.status != SequenceStatus.STOPPED]
+            active = self._active()
             if active and self.scheduler.all_decodes(active):
                 self._ahead = self._launch(active)
         return outputs
+
+    def _active(self) -> list[Sequence]:
+        return [s for s in self.seqs.values() if s.status != SequenceStatus.STOPPED]
 
     def sync(self) -> None:
         """Drop the decode step launched ahead, if any (see `step`); call it before changing the model's weights
