@@ -38,6 +38,7 @@ demonstrations (`arpo.trainer.sft`) and saved to RUN_DIR/sft_model, which later 
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import random
@@ -373,10 +374,23 @@ class Trainer:
         if self.main:
             with open(os.path.join(self.run_dir, "summary.json"), "w", encoding="utf-8") as f:
                 json.dump(summary, f, indent=1)
+        self._finished = True
         return summary
 
     def close(self) -> None:
+        """Close the tools and leave the process group.
+
+        After a finished run every rank first drops what holds the group (FSDP2's modules and the optimizer's
+        DTensors keep it alive through their device mesh) and meets the others at a barrier, so gloo's threads
+        end inside `destroy_process_group`, not in the interpreter's teardown: seen once in CI as a SIGABRT
+        ("terminate called without an active exception") on rank 1 at the end of a finished 2-rank run. After
+        a failure there is no barrier: the other ranks may be stuck in a collective, and torchrun stops them."""
         self.tools.close()
+        if self.sharded and getattr(self, "_finished", False):
+            self.rollout = self.engine = self.optimizer = self.lr_scheduler = None
+            self.model = self.ref_model = None
+            gc.collect()
+            D.barrier()
         D.destroy_distributed()
 
 
