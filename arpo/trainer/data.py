@@ -176,7 +176,7 @@ def encode_prompt(tokenizer, prompt, section, protocol=None) -> list[int]:
         from arpo.tools.protocol import template_ids
 
         return template_ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
-    if getattr(protocol, "name", "tags") != "tags":
+    if getattr(protocol, "needs_chat_template", False):
         raise DataError(f"tools.protocol={protocol.name} shows the tools through the chat template: it needs a "
                         "tokenizer with one and data.chat_template=true")
     if not isinstance(prompt, str):
