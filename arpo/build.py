@@ -182,7 +182,7 @@ def build_tools(cfg, tokenizer=None):
     try:
         if t.mcp_servers:
             tools.update(_mcp_tools(t, tools))
-        protocol = make_protocol(t.protocol, tools, tokenizer)
+        protocol = make_protocol(t.protocol, tools, tokenizer, **cfg.data.template_kwargs())  # tool turns too
     except (ValueError, RuntimeError) as exc:
         _close_all(tools)
         raise ConfigError(str(exc)) from None
