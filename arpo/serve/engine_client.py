@@ -64,6 +64,7 @@ class EngineClient:
         try:
             self._send(("start", checkpoint, cfg, max_seqs, tools))
             self.tokenizer = load_tokenizer(checkpoint)   # while the child loads the model
+            self.protocol = _front_protocol(cfg, self.tokenizer, tools)
             info = self._handshake(start_timeout)
         except BaseException:
             self._reap(5.0)
@@ -217,3 +218,16 @@ class EngineClient:
             emit([("error", reason)])
         for e in acks.values():
             e.set()
+
+
+def _front_protocol(cfg, tokenizer, tools: list[str] | None):
+    """The tool protocol the front end renders prompts and chat history with (None without tools): the one the
+    engine process's executor speaks, built from the same config (hermes: the same tools' schemas)."""
+    if not tools:
+        return None
+    from dataclasses import replace
+
+    from arpo.build import build_protocol
+
+    return build_protocol(replace(cfg, tools=replace(cfg.tools, enabled=list(tools))), tokenizer)
+

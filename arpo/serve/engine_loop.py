@@ -24,7 +24,7 @@ released. Agent jobs stop at a tool's closing tag; `agent.py` runs the call and 
 `extend` when it lands (see `ToolTurns`).
 
 Events (tuples, built per token, so kept cheap): ("token", i, token_id, logprob, entropy), ("call", i, tag,
-content), ("result", i, ToolResult, result_token_ids), ("finish", i, finish_reason, stop_reason),
+content, error), ("result", i, ToolResult, result_token_ids), ("finish", i, finish_reason, stop_reason),
 ("error", message) — after "error" or every choice's "finish" the job is over and owns no sequence.
 """
 from __future__ import annotations
