@@ -21,7 +21,7 @@ from dataclasses import replace
 
 import torch
 
-from arpo.model import ModelConfig, Qwen2Model
+from arpo.model import CausalLM, ModelConfig
 from arpo.settings import ConfigError
 
 BASE_MODEL_DIR = "base_model"
@@ -64,7 +64,7 @@ def embedded_model_config(section, vocab_size: int, max_positions: int = 2048) -
 
 
 @torch.no_grad()
-def init_weights(model: Qwen2Model, seed: int, std: float = 0.02) -> Qwen2Model:
+def init_weights(model: CausalLM, seed: int, std: float = 0.02) -> CausalLM:
     """Qwen2's initialisation (normal(0, 0.02) matrices, zero biases, unit norms), from a private generator."""
     g = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
@@ -83,7 +83,7 @@ def create_embedded_model(model_section, out_dir: str, seed: int = 0, task: str 
     from arpo.data import task_tokenizer
 
     tokenizer = task_tokenizer(task)
-    model = init_weights(Qwen2Model(embedded_model_config(model_section, len(tokenizer))), seed)
+    model = init_weights(CausalLM(embedded_model_config(model_section, len(tokenizer))), seed)
     tmp = f"{out_dir}.tmp-{os.getpid()}"
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
@@ -117,10 +117,10 @@ def policy_dtype(path: str, model_section) -> torch.dtype:
                          ModelConfig.from_file(path).torch_dtype)
 
 
-def load_policy(path: str, model_section, dtype: torch.dtype | None = None) -> tuple[Qwen2Model, object]:
+def load_policy(path: str, model_section, dtype: torch.dtype | None = None) -> tuple[CausalLM, object]:
     """(model, tokenizer) from a checkpoint directory, on the configured device and dtype (or `dtype`)."""
     model, tokenizer = _checked_load(path, lambda: (
-        Qwen2Model.from_pretrained(path, dtype=dtype or policy_dtype(path, model_section),
+        CausalLM.from_pretrained(path, dtype=dtype or policy_dtype(path, model_section),
                                    device=resolve_device(model_section.device)), load_tokenizer(path)))
     model.gradient_checkpointing = bool(model_section.gradient_checkpointing)
     return model, tokenizer
@@ -182,7 +182,7 @@ def build_tools(cfg, tokenizer=None):
     try:
         if t.mcp_servers:
             tools.update(_mcp_tools(t, tools))
-        protocol = make_protocol(t.protocol, tools, tokenizer)
+        protocol = make_protocol(t.protocol, tools, tokenizer, **cfg.data.template_kwargs())  # tool turns too
     except (ValueError, RuntimeError) as exc:
         _close_all(tools)
         raise ConfigError(str(exc)) from None

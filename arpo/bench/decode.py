@@ -67,7 +67,7 @@ def _models(device: str):
         return _MODELS[device]
     import transformers
 
-    from arpo.model import Qwen2Model
+    from arpo.model import CausalLM
 
     gpu = device.startswith("cuda")
     cfg = transformers.Qwen2Config(**(GPU_MODEL if gpu else CPU_MODEL), max_position_embeddings=4096,
@@ -77,7 +77,7 @@ def _models(device: str):
     hf = transformers.Qwen2ForCausalLM(cfg).to(dtype).eval()
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
-        ours = Qwen2Model.from_pretrained(d, dtype=dtype, device=device).eval()
+        ours = CausalLM.from_pretrained(d, dtype=dtype, device=device).eval()
     hf = hf.to(device)
     _MODELS[device] = (hf, ours)
     return hf, ours

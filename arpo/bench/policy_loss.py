@@ -68,14 +68,14 @@ def cases(device: str, quick: bool) -> list[Case]:
 
 
 def _model(case: Case):
-    from arpo.model import ModelConfig, Qwen2Model
+    from arpo.model import CausalLM, ModelConfig
 
     heads = max(case.hidden // 64, 2)
     cfg = ModelConfig(vocab_size=case.vocab, hidden_size=case.hidden, intermediate_size=3 * case.hidden,
                       num_hidden_layers=case.layers, num_attention_heads=heads,
                       num_key_value_heads=max(heads // 4, 1), head_dim=case.hidden // heads)
     torch.manual_seed(0)
-    return Qwen2Model(cfg).to(case.device, case.dtype)
+    return CausalLM(cfg).to(case.device, case.dtype)
 
 
 def _packed_train(case: Case):

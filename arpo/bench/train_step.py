@@ -94,7 +94,7 @@ def cases(device: str, quick: bool) -> list[Case]:
 
 
 def _model(case: Case):
-    from arpo.model import ModelConfig, Qwen2Model
+    from arpo.model import CausalLM, ModelConfig
 
     if case.small_model:
         cfg = ModelConfig(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
@@ -107,7 +107,7 @@ def _model(case: Case):
                           max_position_embeddings=32768, tie_word_embeddings=True)
         dtype = torch.bfloat16
     torch.manual_seed(0)
-    model = Qwen2Model(cfg).to(case.device, dtype)
+    model = CausalLM(cfg).to(case.device, dtype)
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.02)
     return model

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from arpo.settings import check_fields, check_files, opt
+from arpo.settings import ConfigError, check_fields, check_files, opt
 
 DATA_EXTENSIONS = (".jsonl", ".json", ".parquet")
 
@@ -27,6 +27,11 @@ class DataConfig:
     chat_template: bool = opt(True, "apply the tokenizer's chat template when it has one")
     system_prompt: Optional[str] = opt(None, "system message put before each prompt when the chat template is "
                                        "used; null = none")
+    enable_thinking: Optional[bool] = opt(
+        None, "Qwen3's chat-template switch, passed to apply_chat_template wherever prompts and tool turns are "
+        "rendered (rollout data, eval, SFT, serve, chat): false = non-thinking mode (the template opens each "
+        "assistant turn with an empty <think></think>), true = thinking; null = not passed (the template's "
+        "default; Qwen3: thinking). Needs data.chat_template=true")
     shuffle: bool = opt(True, "shuffle training prompts each epoch (seeded by train.seed)")
     max_eval_examples: Optional[int] = opt(None, "evaluate on at most this many held-out rows; null = all", gt=0)
     embedded_task: Literal["arith", "agent"] = opt(
@@ -45,7 +50,14 @@ class DataConfig:
         check_fields(self, section)
         check_files(f"{section}.train_files", self.train_files, DATA_EXTENSIONS)
         check_files(f"{section}.eval_files", self.eval_files, DATA_EXTENSIONS)
+        if self.enable_thinking is not None and not self.chat_template:
+            raise ConfigError(f"{section}.enable_thinking is a chat-template flag: it needs {section}.chat_template"
+                              "=true")
         return self
+
+    def template_kwargs(self) -> dict:
+        """Extra variables for the tokenizer's chat template (`apply_chat_template(..., **kwargs)`)."""
+        return {} if self.enable_thinking is None else {"enable_thinking": self.enable_thinking}
 
 
 __all__ = ["DataConfig", "DATA_EXTENSIONS"]

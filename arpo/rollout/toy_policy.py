@@ -31,8 +31,8 @@ def bigram_log_probs(sequences: list[list[int]], vocab_size: int, smoothing: flo
 def bigram_qwen2(log_probs: torch.Tensor, *, hidden_size: int = 128, layers: int = 4, heads: int = 4,
                  kv_heads: int = 2, intermediate_size: int = 384, noise: float = 0.002, seed: int = 0,
                  dtype: torch.dtype = torch.float32, device=None, max_position_embeddings: int = 4096):
-    """A Qwen2Model whose next-token distribution is ≈ the bigram table (see the module docstring)."""
-    from arpo.model import Qwen2Model
+    """A CausalLM whose next-token distribution is ≈ the bigram table (see the module docstring)."""
+    from arpo.model import CausalLM
     from arpo.model.config import ModelConfig
 
     V = log_probs.shape[0]
@@ -47,7 +47,7 @@ def bigram_qwen2(log_probs: torch.Tensor, *, hidden_size: int = 128, layers: int
                       head_dim=hidden_size // heads, tie_word_embeddings=False,
                       max_position_embeddings=max_position_embeddings)
     g = torch.Generator().manual_seed(seed)
-    model = Qwen2Model(cfg)
+    model = CausalLM(cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):

@@ -1,12 +1,16 @@
-"""Agent mode: ARPO's tool protocol run inside the server's engine loop, for one choice at a time.
+"""Agent mode: the run's tool protocol (`tools.protocol`) inside the server's engine loop, one choice at a time.
 
-The same protocol as the rollout (`arpo/rollout/tree_rollout.py`): a choice stops at a tool's closing tag
-(`</python>`), the call is parsed from its output and runs on the tool executor's pool while the other sequences
-keep decoding; when the future is done its callback posts a command to the engine loop, which appends
-` <result>…</result>` to the sequence with `extend` (prefilled into the same cache) and lets it sample on.
-A closing tag without its opening one is plain text (the choice resumes); after `max_tool_calls` calls tool tags
-stay plain text; a result that would pass the model's context ends the choice with finish reason `length`.
-All methods run on the engine process's loop (its main thread).
+The same protocol objects as the rollout (`arpo/tools/protocol.py`, through the executor; see
+`arpo/rollout/tree_rollout.py`): a choice stops at the protocol's stop string (`</python>` under `tags`,
+`</tool_call>` under `hermes`), the protocol parses the call from the choice's output — under `hermes` malformed
+JSON or an unknown tool is a call carrying an error, which the executor returns as the result the model sees —
+and the call runs on the tool executor's pool while the other sequences keep decoding. When the future is done its
+callback posts a command to the engine loop, which appends the protocol's result tokens (` <result>…</result>`,
+or the chat template's tool turn ending in a new assistant turn's header; special-token text in a result stays
+plain text) with `extend`, prefilled into the same cache: token-in/token-out, nothing sampled is re-tokenised.
+A stop string without its opening tag is plain text (the choice resumes); after `max_tool_calls` calls the stop
+strings are plain text; a result that would pass the model's context ends the choice with finish reason
+`length`. All methods run on the engine process's loop (its main thread).
 """
 from __future__ import annotations
 
@@ -38,12 +42,12 @@ class ToolTurns:
         job.calls[i] += 1
         future = self.tools.submit(call)
         future.add_done_callback(lambda f, job=job, i=i: self._post(("tool", job, i, f)))
-        return [("call", i, call.tag, call.content)]
+        return [("call", i, call.tag, call.content, call.error)]
 
     def on_result(self, job, i: int, future, finish) -> list[tuple]:
         """A call finished: append its result and let the choice sample on (or end it when it cannot fit)."""
         result = self.tools.result_of(future)
-        ids = [int(t) for t in self.tokenizer.encode(self.tools.format(result), add_special_tokens=False)]
+        ids = [int(t) for t in self.tools.protocol.result_ids(self.tokenizer, result)]
         sid = job.seq_ids[i]
         seq = self.engine.sequence(sid)
         if seq.num_tokens + len(ids) >= self.engine.max_model_len or seq.num_sampled >= job.params.max_tokens:

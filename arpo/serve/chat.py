@@ -3,9 +3,13 @@
 The same machinery as `arpo serve` without HTTP: the engine process (`EngineClient`) owns the engine, each turn
 is a `Job` whose events a `Choice` turns into text (so the prompt format, the agent's tool protocol and the streamed text are the
 server's, byte for byte). The history is the list of messages; each turn's prompt is the whole history through
-`chat_prompt_ids` (the checkpoint's chat template, or the plain format of the embedded character tokenizer), and
-the assistant's reply goes back into it as the model produced it — tool calls and `<result>` blocks included,
-since that is the text the model continues from.
+`chat_prompt_ids` (the checkpoint's chat template — with tools, rendered by the run's `tools.protocol`, so under
+`hermes` the tools' schemas go in through the template's `tools=` — or the plain format of the embedded character
+tokenizer). The assistant's reply goes back into it as the protocol says (`reply_messages`): under `tags` one
+assistant message with the tool calls and `<result>` blocks as the model produced them; under `hermes` the
+template's own turns — assistant text ending in its `<tool_call>`, a `tool` message with the result, the next
+assistant turn — which re-render as the tokens the model saw. Within a reply everything is token-in/token-out:
+the tool loop is the server's agent mode (`agent.py`).
 
 Commands: `/reset` (forget the history), `/exit` (or Ctrl-D). Ctrl-C during a reply stops that reply (its
 sequence is cancelled and its KV blocks freed; the part already shown stays in the history) and returns to the
@@ -21,6 +25,7 @@ from arpo.serve.choices import Choice
 from arpo.serve.engine_loop import Job
 from arpo.serve.text import chat_prompt_ids
 from arpo.serve.settings import ChatSettings
+from arpo.tools.protocol import TagsProtocol
 
 PROMPT = "you> "
 REPLY = "agent> "
@@ -39,6 +44,7 @@ class ChatSession:
         self.read = read
         self.write = write or _stdout_write
         self.messages: list[dict] = []
+        self.protocol = engine.protocol      # how tools and their turns are rendered (None without tools)
         self.turns = 0
 
     # --- the session --------------------------------------------------------------------------------------------
@@ -63,7 +69,7 @@ class ChatSession:
             self.reply(line)
 
     def _banner(self) -> str:
-        tools = ", ".join(self.tools) if self.tools is not None else "none"
+        tools = f"{', '.join(self.tools)} ({self.protocol.name})" if self.tools is not None else "none"
         return (f"arpo chat: context {self.engine.max_model_len} tokens, tools: {tools}. "
                 "/reset forgets the history, /exit leaves, Ctrl-C stops a reply.\n")
 
@@ -83,7 +89,7 @@ class ChatSession:
     def reply(self, text: str) -> Choice | None:
         """Answer one user message (streamed through `write`); returns its choice, None when refused."""
         self.messages.append({"role": "user", "content": text})
-        ids = chat_prompt_ids(self.tokenizer, self.messages, self.data_section)
+        ids = chat_prompt_ids(self.tokenizer, self.messages, self.data_section, self.protocol)
         room = self.engine.max_model_len - len(ids)
         if room < 2:
             self.messages.pop()
@@ -102,8 +108,9 @@ class ChatSession:
             self.engine.cancel(job)
             self.write(" [interrupted]")
         self.write("\n")
-        if choice.text:
-            self.messages.append({"role": "assistant", "content": choice.text})
+        parts = choice.parts()
+        if parts:
+            self.messages += (self.protocol or TagsProtocol({})).reply_messages(parts)
         return choice
 
     def _job(self, ids: list[int], max_tokens: int) -> Job:
@@ -128,7 +135,8 @@ class ChatSession:
                     self.write(f"\n  [tool result: {status}, {record['latency_s']:.2f} s]\n")
                 self.write(text)
                 if record is not None and record["type"] == "tool_call":
-                    self.write(f"\n  [running {record['tool']}: {record['input']}]")
+                    self.write(f"\n  [bad tool call: {record['error']}]" if "error" in record
+                               else f"\n  [running {record['tool']}: {record['input']}]")
                 if ev[0] == "finish":
                     return
 

@@ -43,9 +43,11 @@ class Choice:
             self.stream.push([tok])
             return self.stream.delta(), None
         if kind == "call":
-            _, _, tag, content = ev
+            _, _, tag, content, error = ev
             self._segment(self.stream.text)
             record = {"type": "tool_call", "tool": tag, "input": content}
+            if error:  # the protocol could not make a call of it (hermes: bad JSON, unknown tool): `input` is the
+                record["error"] = error  # call's text as written, and the error is the result the model sees
             self.transcript.append(record)
             return self.stream.delta(), record
         if kind == "result":
@@ -76,6 +78,16 @@ class Choice:
     @property
     def text(self) -> str:
         return self.stream.full_text(self.stop_reason)
+
+    def parts(self) -> list[tuple[str, str]]:
+        """The reply so far as ("text", model text) and ("result", tool output) pieces in order — the results
+        that were appended, and the text not yet closed into a segment (a reply cut short by Ctrl-C) — for a tool
+        protocol's `reply_messages`."""
+        out = [("text", r["text"]) if r["type"] == "text" else ("result", r["output"]) for r in self.transcript
+               if r["type"] == "text" or (r["type"] == "tool_result" and r["appended"])]
+        if self.finish_reason is None and len(self.stream.text) > self._mark:
+            out.append(("text", self.stream.text[self._mark:]))
+        return out
 
     def token_texts(self, ids: list[int]) -> list[str]:
         return [self.tokenizer.decode([t]) for t in ids]

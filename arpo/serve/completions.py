@@ -1,7 +1,9 @@
 """The bodies of `/v1/completions` and `/v1/chat/completions`: one job per request, replied whole or streamed.
 
-Both endpoints share `_collect` (fold a job's events into `Choice`s) and differ in the prompt (text or token ids
-vs chat messages) and in the reply's shape. Streamed chat chunks carry `delta.content`; a tool call or result in
+Both endpoints fold a job's events into `Choice`s and differ in the prompt (text or token ids vs chat messages)
+and in the reply's shape. In agent mode a chat prompt is rendered by the run's tool protocol (`tools.protocol`:
+under `hermes` the tools' JSON schemas go through the chat template's `tools=`); a completion's prompt is the
+client's own text or ids, as given. Streamed chat chunks carry `delta.content`; a tool call or result in
 agent mode also rides in the chunk's `arpo` field (`{"tool_call": ...}` / `{"tool_result": ...}`) as it happens.
 """
 from __future__ import annotations
@@ -17,8 +19,8 @@ from arpo.serve.errors import APIError, bad_param
 from arpo.serve.text import chat_prompt_ids, message_text
 
 
-async def _start(server, req, request, prompt_ids, prompt_param, max_tokens, default_max):
-    stops, agent = server._check_common(req)
+async def _start(server, req, request, prompt_ids, prompt_param, max_tokens, default_max, checked=None):
+    stops, agent = checked or server._check_common(req)
     job, queue = await server.run(request, lambda: server._job(
         req, prompt_ids, prompt_param, max_tokens, default_max, stops, agent))
     choices = [Choice(i, server.tokenizer, stops) for i in range(req.n)]
@@ -117,9 +119,11 @@ async def chat(server, req: S.ChatCompletionRequest, request: Request):
                         "(and the full-vocabulary entropy), not the top alternatives", "unsupported")
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": message_text(m.content)}
                 for m in req.messages]
-    ids = chat_prompt_ids(server.tokenizer, messages, server.data_section)
+    checked = server._check_common(req)
+    protocol = server.engine.protocol if checked[1] else None  # agent mode: the prompt shows the tools its way
+    ids = chat_prompt_ids(server.tokenizer, messages, server.data_section, protocol)
     job, queue, choices, agent = await _start(server, req, request, ids, "messages",
-                                              req.max_completion_tokens or req.max_tokens, None)
+                                              req.max_completion_tokens or req.max_tokens, None, checked)
     rid, created = request_id("chatcmpl"), int(time.time())
     if req.stream:
         return streaming(_stream_chat(server, req, request, job, queue, choices, agent, rid, created, len(ids)))

@@ -31,12 +31,16 @@ from multiprocessing.connection import Connection
 from arpo.serve.engine_loop import Job
 
 START_TIMEOUT_S = 600.0   # loading a large checkpoint on a loaded machine
+# what the engine process calls to build its (engine, tool executor): `module:function(checkpoint, cfg, max_seqs,
+# tools)`, imported there. A model class of one's own is served by naming a builder of its own (the tests serve a
+# scripted policy this way); the front end still loads the tokenizer from `checkpoint`.
+DEFAULT_PARTS = "arpo.serve.server:load_parts"
 ACK_TIMEOUT_S = 60.0
 
 
 class EngineClient:
     def __init__(self, checkpoint: str, cfg, max_seqs: int, tools: list[str] | None = None,
-                 start_timeout: float = START_TIMEOUT_S):
+                 start_timeout: float = START_TIMEOUT_S, parts: str = DEFAULT_PARTS):
         from arpo.build import load_tokenizer
 
         import arpo
@@ -62,8 +66,9 @@ class EngineClient:
         self._closing = False
         self.exit_reason: str | None = None
         try:
-            self._send(("start", checkpoint, cfg, max_seqs, tools))
+            self._send(("start", parts, checkpoint, cfg, max_seqs, tools))
             self.tokenizer = load_tokenizer(checkpoint)   # while the child loads the model
+            self.protocol = _front_protocol(cfg, self.tokenizer, tools)
             info = self._handshake(start_timeout)
         except BaseException:
             self._reap(5.0)
@@ -217,3 +222,16 @@ class EngineClient:
             emit([("error", reason)])
         for e in acks.values():
             e.set()
+
+
+def _front_protocol(cfg, tokenizer, tools: list[str] | None):
+    """The tool protocol the front end renders prompts and chat history with (None without tools): the one the
+    engine process's executor speaks, built from the same config (hermes: the same tools' schemas)."""
+    if not tools:
+        return None
+    from dataclasses import replace
+
+    from arpo.build import build_protocol
+
+    return build_protocol(replace(cfg, tools=replace(cfg.tools, enabled=list(tools))), tokenizer)
+

@@ -24,11 +24,12 @@ released. Agent jobs stop at a tool's closing tag; `agent.py` runs the call and 
 `extend` when it lands (see `ToolTurns`).
 
 Events (tuples, built per token, so kept cheap): ("token", i, token_id, logprob, entropy), ("call", i, tag,
-content), ("result", i, ToolResult, result_token_ids), ("finish", i, finish_reason, stop_reason),
+content, error), ("result", i, ToolResult, result_token_ids), ("finish", i, finish_reason, stop_reason),
 ("error", message) — after "error" or every choice's "finish" the job is over and owns no sequence.
 """
 from __future__ import annotations
 
+import importlib
 import pickle
 import queue
 import signal
@@ -258,7 +259,7 @@ class EngineLoop:
 # ---------------------------------------------------------------------------------------------------- the process
 def engine_main(commands_fd: int, out_fd: int) -> None:
     """The engine process (`python -m arpo.serve.engine_loop COMMANDS_FD EVENTS_FD`): read the start message
-    (checkpoint, run config, max_seqs, tools), build the engine (and tools) as a run builds them, say "ready" (or
+    (the builder, checkpoint, run config, max_seqs, tools), build the engine (and tools) with it, say "ready" (or
     why not), then run the loop until the front end says stop or goes away. Ctrl-C is the front end's to handle (a
     terminal sends it to the whole process group); SIGTERM closes the tools on the way out."""
     from multiprocessing.connection import Connection
@@ -268,14 +269,12 @@ def engine_main(commands_fd: int, out_fd: int) -> None:
     commands, out = Connection(commands_fd, writable=False), Connection(out_fd, readable=False)
     executor = None
     try:
-        from arpo.serve.server import load_parts
-
         try:
-            _, checkpoint, cfg, max_seqs, tools = commands.recv()
+            _, parts, checkpoint, cfg, max_seqs, tools = commands.recv()
         except EOFError:
             return  # the front end went away before it said what to load
-
-        engine, executor = load_parts(checkpoint, cfg, max_seqs, tools)
+        module, _, name = parts.partition(":")
+        engine, executor = getattr(importlib.import_module(module), name)(checkpoint, cfg, max_seqs, tools)
         loop = EngineLoop(engine, executor, out.send)
     except BaseException as exc:  # noqa: BLE001 - every start-up failure goes back to the front end, named
         if executor is not None:

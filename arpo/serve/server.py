@@ -20,8 +20,9 @@ from arpo.serve.settings import ServeSettings
 
 def load_parts(checkpoint: str, cfg, max_seqs: int, tools: list[str] | None = None):
     """(engine, tool executor or None) on the checkpoint, built as a run builds them (`arpo chat` uses this
-    too, without the HTTP stack)."""
+    too, without the HTTP stack); the executor speaks the run's `tools.protocol`."""
     from arpo.build import build_engine, build_tools, load_policy, set_threads
+    from arpo.settings import ConfigError
 
     set_threads(cfg.train.threads)
     model, tok = load_policy(checkpoint, cfg.model)
@@ -29,7 +30,11 @@ def load_parts(checkpoint: str, cfg, max_seqs: int, tools: list[str] | None = No
     executor = None
     if tools:
         cfg.tools = replace(cfg.tools, enabled=list(tools))
-        executor = build_tools(cfg)
+        executor = build_tools(cfg, tok)  # tools.protocol, rendered through this checkpoint's chat template
+        if executor.protocol.needs_chat_template and not cfg.data.chat_template:
+            executor.close()
+            raise ConfigError(f"tools.protocol={executor.protocol.name} shows the tools through the chat template: "
+                              "it needs data.chat_template=true")
     return build_engine(model, tok, cfg, max_seqs), executor
 
 

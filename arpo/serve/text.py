@@ -21,17 +21,19 @@ def message_text(content) -> str:
     return "".join(part.text for part in content)
 
 
-def chat_prompt_ids(tokenizer, messages: list[dict], data_section) -> list[int]:
+def chat_prompt_ids(tokenizer, messages: list[dict], data_section, protocol=None) -> list[int]:
+    """The prompt ids of a conversation; with a tool `protocol` (agent mode) rendered its way, as the rollout
+    renders training prompts (hermes: the tools' schemas through the chat template)."""
     from arpo.trainer.data import encode_prompt, has_chat_template
 
     if data_section.chat_template and has_chat_template(tokenizer):
-        return encode_prompt(tokenizer, messages, data_section)
+        return encode_prompt(tokenizer, messages, data_section, protocol)
     text = ""
     for k, m in enumerate(messages):
         if k and m["role"] != "assistant":
             text += "\n"
         text += m["content"]
-    return encode_prompt(tokenizer, text, data_section)
+    return encode_prompt(tokenizer, text, data_section, protocol)
 
 
 def cut_at_stop(text: str, stop: str | None) -> str:

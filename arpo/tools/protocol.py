@@ -1,7 +1,8 @@
 """How tool calls look to the model (`tools.protocol`): ARPO's tags, or the chat template's native function calls.
 
-The rollout, SFT and evaluation ask one small object four things — where generation stops, what call the text
-ends in, which tokens carry a result, how a prompt is rendered — so that the two formats are two classes:
+The rollout, SFT, evaluation and `arpo serve`/`arpo chat` ask one small object the same few things — where
+generation stops, what call the text ends in, which tokens carry a result, how a prompt is rendered, how a finished
+reply goes back into a conversation's messages — so that the two formats are two classes:
 
 * `TagsProtocol` (`tags`, ARPO's): `<python>code</python>` / `<search>query</search>`, results appended as
   ` <result>\\n{text}\\n</result>`; prompts through the chat template as they are.
@@ -57,6 +58,7 @@ class TagsProtocol:
     """ARPO's `<tag>…</tag>` calls and ` <result>…</result>` results (see `arpo.tools.base`)."""
 
     name = "tags"
+    needs_chat_template = False
     result_span = re.compile(r"( <result>\n.*?\n</result>)", re.S)  # a result inside a trace's text
 
     def __init__(self, tools: dict):
@@ -72,8 +74,15 @@ class TagsProtocol:
     def result_ids(self, tokenizer, result: ToolResult) -> list[int]:
         return list(tokenizer.encode(self.result_text(result), add_special_tokens=False))
 
-    def render_prompt(self, tokenizer, messages: list[dict]) -> list[int]:
-        return template_ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+    def render_prompt(self, tokenizer, messages: list[dict], **template_kwargs) -> list[int]:
+        return template_ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                          **template_kwargs))
+
+    def reply_messages(self, parts: list[tuple[str, str]]) -> list[dict]:
+        """A reply as conversation history: one assistant message holding the text as the model continued from
+        it, results included. `parts`: ("text", model text) and ("result", tool output) in order."""
+        return [{"role": "assistant", "content": "".join(
+            text if kind == "text" else format_result(text) for kind, text in parts)}]
 
 
 def function_schema(tool) -> dict:
@@ -125,6 +134,7 @@ class HermesProtocol:
     """Native function calls through the tokenizer's chat template (see the module docstring)."""
 
     name = "hermes"
+    needs_chat_template = True
     stop_strings = (CALL_CLOSE,)
 
     def __init__(self, tools: dict, tokenizer, **template_kwargs):
@@ -190,22 +200,33 @@ class HermesProtocol:
     def result_ids(self, tokenizer, result: ToolResult) -> list[int]:
         return self.head_ids + literal_ids(tokenizer, result.text) + self.tail_ids
 
-    def render_prompt(self, tokenizer, messages: list[dict]) -> list[int]:
+    def render_prompt(self, tokenizer, messages: list[dict], **template_kwargs) -> list[int]:
+        kw = {**self.template_kwargs, **template_kwargs}
         return template_ids(tokenizer.apply_chat_template(messages, tools=self.schemas, add_generation_prompt=True,
-                                                          tokenize=True, **self.template_kwargs))
+                                                          tokenize=True, **kw))
+
+    def reply_messages(self, parts: list[tuple[str, str]]) -> list[dict]:
+        """A reply as conversation history, in the template's own roles: each stretch of model text an assistant
+        message (a call's `<tool_call>…</tool_call>` kept verbatim in its content — the template renders that
+        exactly as it renders a structured `tool_calls` entry), each result a `tool` message. Re-rendered, the
+        reply is the tokens the model saw (for Qwen2.5; Qwen3's template drops the `<think>` blocks of turns
+        before a later user message, by design)."""
+        return [{"role": "assistant", "content": text} if kind == "text" else {"role": "tool", "content": text}
+                for kind, text in parts]
 
 
 PROTOCOLS = ("tags", "hermes")
 
 
-def make_protocol(name: str, tools: dict, tokenizer=None):
-    """The protocol called `name` over `tools` (hermes needs the tokenizer with its chat template)."""
+def make_protocol(name: str, tools: dict, tokenizer=None, **template_kwargs):
+    """The protocol called `name` over `tools` (hermes needs the tokenizer with its chat template;
+    `template_kwargs` — e.g. Qwen3's `enable_thinking` — go to every rendering, tool turns included)."""
     if name == "tags":
         return TagsProtocol(tools)
     if name == "hermes":
         if tokenizer is None:
             raise ValueError("tools.protocol=hermes needs the policy's tokenizer")
-        return HermesProtocol(tools, tokenizer)
+        return HermesProtocol(tools, tokenizer, **template_kwargs)
     raise ValueError(f"unknown tool protocol {name!r}: use one of {', '.join(PROTOCOLS)}")
 
 

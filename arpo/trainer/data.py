@@ -166,17 +166,19 @@ def has_chat_template(tokenizer) -> bool:
 
 def encode_prompt(tokenizer, prompt, section, protocol=None) -> list[int]:
     """Token ids of a prompt (text or chat messages) as the policy sees it; a tool `protocol`
-    (`arpo.tools.protocol`) renders the chat template its way (hermes: with the tools' schemas)."""
+    (`arpo.tools.protocol`) renders the chat template its way (hermes: with the tools' schemas). The one place
+    prompts meet the chat template: the section's template variables (`data.enable_thinking`) go in here."""
     if section.chat_template and has_chat_template(tokenizer):
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         if section.system_prompt and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": section.system_prompt}] + messages
+        kw = section.template_kwargs()  # data.enable_thinking
         if protocol is not None:
-            return protocol.render_prompt(tokenizer, messages)
+            return protocol.render_prompt(tokenizer, messages, **kw)
         from arpo.tools.protocol import template_ids
 
-        return template_ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
-    if getattr(protocol, "name", "tags") != "tags":
+        return template_ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **kw))
+    if getattr(protocol, "needs_chat_template", False):
         raise DataError(f"tools.protocol={protocol.name} shows the tools through the chat template: it needs a "
                         "tokenizer with one and data.chat_template=true")
     if not isinstance(prompt, str):

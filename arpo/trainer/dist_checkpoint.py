@@ -26,7 +26,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict, set_state_dict)
 
-from arpo.model import Qwen2Model
+from arpo.model import CausalLM
 from arpo.model.config import ModelConfig
 from arpo.trainer import checkpoint as ckpt_lib
 from arpo.trainer.distributed import barrier, is_initialized, is_main, rank
@@ -52,10 +52,10 @@ def gather_full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return sd if is_main() else {}
 
 
-def model_from_state_dict(config: ModelConfig, state: dict[str, torch.Tensor]) -> Qwen2Model:
-    """A CPU Qwen2Model whose parameters are the given tensors (no copy)."""
+def model_from_state_dict(config: ModelConfig, state: dict[str, torch.Tensor]) -> CausalLM:
+    """A CPU CausalLM whose parameters are the given tensors (no copy)."""
     with torch.device("meta"):
-        model = Qwen2Model(config)
+        model = CausalLM(config)
     model.load_state_dict(state, strict=True, assign=True)
     model.rotary.reset("cpu")
     return model
@@ -151,7 +151,7 @@ def load_sharded_into_master_weights(dcp_path: str, hf_path: str, optimizer) -> 
     """Resume a distributed run's shards in one process whose bf16 policy trains with `MasterWeightAdamW`: load
     them into a plain fp32 twin (model `hf_path`) + AdamW, then hand weights and moments to the optimiser, which
     writes the fp32 masters back into the model."""
-    twin = Qwen2Model.from_pretrained(hf_path, dtype=torch.float32, device="cpu")
+    twin = CausalLM.from_pretrained(hf_path, dtype=torch.float32, device="cpu")
     plain = torch.optim.AdamW([p for p in twin.parameters() if p.requires_grad])
     load_sharded(dcp_path, twin, plain)
     state = plain.state_dict()  # hyper-parameters (the lr of the step) included
@@ -165,7 +165,7 @@ def consolidate_dcp(dcp_path: str, config_path: str, out_dir: str, dtype: torch.
         return
     config = ModelConfig.from_file(config_path)
     with torch.device("meta"):
-        model = Qwen2Model(config)
+        model = CausalLM(config)
     model = model.to_empty(device="cpu")
     model.rotary.reset("cpu")
     state = {"model": model.state_dict()}

@@ -12,10 +12,10 @@ simply never read.
 import torch
 
 from arpo.engine import LLMEngine
-from arpo.model import ModelConfig, Qwen2Model
+from arpo.model import CausalLM, ModelConfig
 
 
-class ScriptedModel(Qwen2Model):
+class ScriptedModel(CausalLM):
     def __init__(self, vocab_size: int, script: list[int]):
         super().__init__(ModelConfig(vocab_size=vocab_size, hidden_size=8, intermediate_size=8,
                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=4,
