@@ -40,8 +40,10 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "pytest-xdist", "pytest-benchmark", "hypothesis", "tokenizers", "bm25s", "sympy", "math-verify", "datasets", "matplotlib", "tensorboard",
-                 "fastapi", "uvicorn", "pydantic", "httpx", "openai", "pexpect", "mcp"],
-        "serve": ["fastapi", "uvicorn", "pydantic", "httpx"],
+                 "fastapi", "uvicorn", "pydantic", "httpx", "openai", "pexpect", "mcp", "aiohttp", "httptools",
+                 "uvloop; sys_platform != 'win32'"],
+        "serve": ["fastapi", "uvicorn", "pydantic", "httpx", "httptools", "uvloop; sys_platform != 'win32'"],
+        "bench": ["aiohttp", "pytest-benchmark"],
         "tools": ["bm25s", "sympy", "math-verify", "datasets", "matplotlib", "tensorboard", "mcp"],
         "mcp": ["mcp"],
         "plot": ["matplotlib", "tensorboard"],

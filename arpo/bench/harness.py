@@ -202,9 +202,9 @@ def pytest_benchmark_case(benchmark, providers: dict, case, provider: str, devic
     try:
         benchmark.group = case.label
         benchmark.extra_info.update(case.extra())
-        benchmark.extra_info.update(getattr(fn, "extra", {}))
         benchmark.extra_info["peak_extra_mb"] = peak_extra_mb(fn, device)
         benchmark.pedantic(fn, rounds=rounds, warmup_rounds=1)
+        benchmark.extra_info.update(getattr(fn, "extra", {}))  # after timing: a provider may summarise its passes
     finally:
         if getattr(fn, "close", None) is not None:  # a provider holding a resource (a server process)
             fn.close()

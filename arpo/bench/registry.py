@@ -45,10 +45,9 @@ def run(name: str, device: str | None = None, quick: bool = False, only: str | N
                 if fn is None:  # provider does not apply to this case
                     continue
                 warmup, reps = getattr(mod, "REPS", (2, 5))
-                extra = dict(case.extra())
-                extra.update(getattr(fn, "extra", {}))
-                results.append(measure(case.label, provider, fn, device, warmup, reps, **extra))
-                r = results[-1]
+                r = measure(case.label, provider, fn, device, warmup, reps, **case.extra())
+                r.extra.update(getattr(fn, "extra", {}))  # after timing: a provider may summarise its passes
+                results.append(r)
                 print(f"  measured {r.workload} / {r.provider}: {r.ms:.3f} ms", flush=True)
             except torch.OutOfMemoryError:
                 print(f"[{case.label}] {provider}: out of memory, skipped")

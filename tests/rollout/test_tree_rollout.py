@@ -312,3 +312,15 @@ def test_aepo_options(policy):
         for d in t.metadata["decisions"]:
             base = 0.5 + 0.2 * d["delta_h"]
             assert d["p"] == pytest.approx(base * max(0.0, 1 - 0.05 * d["consecutive"]))
+
+
+def test_decode_overlap_gives_the_serial_trees_and_counts_dropped_steps(policy):
+    """Forks between steps drop the step launched ahead; the rollout reports how many, and the trees are the
+    serial engine's."""
+    kw = dict(brancher=Always(k=K, vocab_size=54), beam=2)
+    serial, ro_s, _ = _run(policy, engine_kw={"decode_graphs": "eager", "decode_overlap": "off"}, **kw)
+    ahead, ro_a, engine = _run(policy, engine_kw={"decode_graphs": "eager", "decode_overlap": "on"}, **kw)
+    ids = lambda trees: [[t.leaf_token_ids(l) for l in t.leaves] for t in trees]  # noqa: E731
+    assert ids(ahead) == ids(serial)
+    assert ro_s.stats["dropped_steps"] == 0
+    assert ro_a.stats["dropped_steps"] == engine.stats["dropped_steps"] > 0

@@ -108,6 +108,22 @@ def test_stream_chunks_concatenate_to_the_non_streamed_text(client, stop):
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
 
 
+def test_streamed_logprobs_equal_the_non_streamed_ones(client):
+    kw = dict(model=MODEL, max_tokens=12, temperature=1.0, seed=3, extra_body=PLAIN)
+    whole = client.completions.create(prompt=QUESTION, logprobs=0, **kw).choices[0].logprobs
+    chunks = list(client.completions.create(prompt=QUESTION, logprobs=0, stream=True, **kw))
+    streamed = [lp for ch in chunks if ch.choices[0].logprobs for lp in ch.choices[0].logprobs.token_logprobs]
+    assert len(whole.token_logprobs) == 12 and streamed == pytest.approx(whole.token_logprobs, abs=1e-6)
+    plain = list(client.completions.create(prompt=QUESTION, stream=True, **kw))
+    assert not any(ch.choices[0].logprobs for ch in plain)   # not asked: none sent
+    messages = [{"role": "user", "content": QUESTION}]
+    whole = client.chat.completions.create(messages=messages, logprobs=True, **kw).choices[0].logprobs.content
+    chunks = list(client.chat.completions.create(messages=messages, logprobs=True, stream=True, **kw))
+    streamed = [t.logprob for ch in chunks if ch.choices and ch.choices[0].logprobs
+                for t in ch.choices[0].logprobs.content]
+    assert streamed == pytest.approx([t.logprob for t in whole], abs=1e-6)
+
+
 def test_n4_with_a_seed_is_reproducible_and_counts_the_prompt_once(client):
     kw = dict(model=MODEL, prompt=QUESTION, max_tokens=30, temperature=1.0, n=4, seed=11, extra_body=PLAIN)
     a, b = client.completions.create(**kw), client.completions.create(**kw)
