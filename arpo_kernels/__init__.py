@@ -14,6 +14,7 @@ from arpo_kernels.fused_ops import (
     silu_mul_reference,
 )
 from arpo_kernels.kv_cache import copy_blocks, copy_blocks_reference, gather_kv, store_kv, store_kv_reference
+from arpo_kernels.linear_token_loss import linear_token_loss
 from arpo_kernels.linear_token_stats import linear_logprobs_entropy, linear_logprobs_entropy_reference
 from arpo_kernels.paged_attention import (
     paged_decode_attention,
@@ -57,6 +58,7 @@ __all__ = [
     "store_kv_reference",
     "linear_logprobs_entropy",
     "linear_logprobs_entropy_reference",
+    "linear_token_loss",
     "token_logprobs_entropy",
     "token_logprobs_entropy_reference",
 ]

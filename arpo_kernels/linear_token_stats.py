@@ -46,6 +46,33 @@ def _logits_chunk(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return h @ weight.t()
 
 
+def check_linear_inputs(hidden, weight, targets, ignore_index: int, chunk_elements: int | None) -> int:
+    """Validate the inputs of the lm_head-fused functions (shapes, dtypes, device, targets); returns the chunk size in logits (default per device)."""
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() < 1:
+        raise ValueError("hidden must be a tensor of shape [..., H]")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"weight must be a 2-D tensor [V, H], got shape {tuple(getattr(weight, 'shape', ()))}")
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        if t.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{name} dtype {t.dtype} is not supported; use float32, bfloat16 or float16")
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"hidden dtype {hidden.dtype} differs from weight dtype {weight.dtype}")
+    if hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"hidden size mismatch: hidden has H={hidden.shape[-1]} but weight is "
+                         f"[V={weight.shape[0]}, H={weight.shape[1]}]")
+    if weight.shape[0] == 0:
+        raise ValueError("weight has an empty vocabulary dimension (V = 0)")
+    check_targets(targets, weight.shape[0], ignore_index, hidden.shape[:-1])
+    if hidden.device != weight.device or targets.device != hidden.device:
+        raise ValueError(f"hidden ({hidden.device}), weight ({weight.device}) and targets ({targets.device}) "
+                         "must be on one device")
+    if chunk_elements is None:
+        chunk_elements = _default_chunk_elements(hidden.device)
+    if chunk_elements < 1:
+        raise ValueError(f"chunk_elements must be >= 1, got {chunk_elements}")
+    return int(chunk_elements)
+
+
 class _LinearTokenStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden2d, weight, targets1d, temperature, ignore_index, chunk_elements, keep_elements):
@@ -111,32 +138,11 @@ def linear_logprobs_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets:
     device); `keep_elements`: how many logits the forward may keep for the backward instead of recomputing them
     (whole chunks, the last ones; default per device, 0 on CUDA).
     """
-    if not isinstance(hidden, torch.Tensor) or hidden.dim() < 1:
-        raise ValueError("hidden must be a tensor of shape [..., H]")
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise ValueError(f"weight must be a 2-D tensor [V, H], got shape {tuple(getattr(weight, 'shape', ()))}")
-    for name, t in (("hidden", hidden), ("weight", weight)):
-        if t.dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"{name} dtype {t.dtype} is not supported; use float32, bfloat16 or float16")
-    if hidden.dtype != weight.dtype:
-        raise ValueError(f"hidden dtype {hidden.dtype} differs from weight dtype {weight.dtype}")
-    if hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"hidden size mismatch: hidden has H={hidden.shape[-1]} but weight is "
-                         f"[V={weight.shape[0]}, H={weight.shape[1]}]")
-    if weight.shape[0] == 0:
-        raise ValueError("weight has an empty vocabulary dimension (V = 0)")
-    if hidden.device != weight.device or targets.device != hidden.device:
-        raise ValueError(f"hidden ({hidden.device}), weight ({weight.device}) and targets ({targets.device}) "
-                         "must be on one device")
-    if chunk_elements is None:
-        chunk_elements = _default_chunk_elements(hidden.device)
-    if chunk_elements < 1:
-        raise ValueError(f"chunk_elements must be >= 1, got {chunk_elements}")
+    chunk_elements = check_linear_inputs(hidden, weight, targets, ignore_index, chunk_elements)
     if keep_elements is None:
         keep_elements = _default_keep_elements(hidden.device)
     if keep_elements < 0:
         raise ValueError(f"keep_elements must be >= 0, got {keep_elements}")
-    check_targets(targets, weight.shape[0], ignore_index, hidden.shape[:-1])
     temperature = check_temperature(temperature)
     lead = hidden.shape[:-1]
     hidden2d = hidden.reshape(-1, hidden.shape[-1]).contiguous()

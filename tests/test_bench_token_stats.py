@@ -8,7 +8,8 @@ from arpo_kernels import token_stats_compiled
 
 def test_every_cpu_provider_runs_and_eager_is_uncompiled(monkeypatch):
     providers = workload.providers("cpu")
-    assert {"naive", "torch.compile", "arpo-torch", "arpo-torch eager", "matmuls"} <= set(providers)
+    assert {"naive", "torch.compile", "arpo-torch", "arpo-torch fused loss", "arpo-torch eager",
+            "matmuls"} <= set(providers)
     seen = []
     real_run = token_stats_compiled._run
 

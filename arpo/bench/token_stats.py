@@ -8,7 +8,8 @@ Workloads (each forward + backward unless named `fwd`):
 - `logits fwd`: statistics from given logits (bandwidth-bound: reads T x V once; GB/s reported).
 - `logits`: the same with backward to the logits.
 - `linear`: from hidden states and the lm_head weight (the trainer's real path), gradients to both.
-  The provider `matmuls` runs only the three matmuls any implementation needs (forward logits, d hidden,
+  `... fused loss` is `linear_token_loss` on the same objective (each chunk's gradient taken in the forward:
+  three matmuls instead of four). The provider `matmuls` runs only the three matmuls any implementation needs (forward logits, d hidden,
   d weight) at full size, as the floor the fused path is compared with.
 GPU shapes are Qwen2.5-3B's (H = 2048, V = 151,936); the CPU set is scaled down.
 """
@@ -107,7 +108,16 @@ def _logits_provider(stats_fn):
     return make
 
 
-def _linear_provider(stats_from_hidden):
+def _stats_objective(stats_from_hidden):
+    """The linear workload's objective, Σ log-prob + Σ entropy, from a `(hidden, weight, targets) -> (lp, ent)`."""
+    def loss(hidden, weight, targets):
+        lp, ent = stats_from_hidden(hidden, weight, targets)
+        return lp.sum() + ent.sum()
+    return loss
+
+
+def _linear_provider(loss_from_hidden):
+    """The linear workload: `loss_from_hidden(hidden, weight, targets)` and its backward to both."""
     def make(case: Case):
         if case.kind != "linear":
             return None
@@ -116,8 +126,7 @@ def _linear_provider(stats_from_hidden):
         weight.requires_grad_()
 
         def run():
-            lp, ent = stats_from_hidden(hidden, weight, targets)
-            (lp.sum() + ent.sum()).backward()
+            loss_from_hidden(hidden, weight, targets).backward()
             hidden.grad = weight.grad = None
         return run
     return make
@@ -142,7 +151,7 @@ def _provider(stats_fn, linear_fn):
     """A provider: `stats_fn(logits, targets)` on the logits workloads, `linear_fn(hidden, weight, targets)` on
     the linear one."""
     return lambda case: (_logits_provider(stats_fn)(case) if case.kind != "linear"
-                         else _linear_provider(linear_fn)(case))
+                         else _linear_provider(_stats_objective(linear_fn))(case))
 
 
 def _matmuls_only(case: Case):
@@ -156,6 +165,13 @@ def _matmuls_only(case: Case):
         grad_weight = logits.t() @ hidden
         return grad_hidden, grad_weight
     return run
+
+
+def _fused_loss(hidden, weight, targets):
+    """`linear_token_loss` on the same objective: each chunk's gradient taken in the forward."""
+    from arpo_kernels import linear_token_loss
+
+    return linear_token_loss(hidden, weight, targets, lambda lp, ent, a, b: lp.sum() + ent.sum())[0]
 
 
 def _liger_linear(case: Case):
@@ -190,9 +206,11 @@ def providers(device: str) -> dict:
         "naive": _provider(_naive_stats, naive_linear),
         "torch.compile": _provider(lambda x, t: _compiled_stats()(x, t), compiled_linear),
         "arpo-torch": _forced(ours, "torch"),
+        "arpo-torch fused loss": _forced(_linear_provider(_fused_loss), "torch"),
     }
     if device.startswith("cuda"):
         out["arpo-triton"] = _forced(ours, "triton")
+        out["arpo-triton fused loss"] = _forced(_linear_provider(_fused_loss), "triton")
         out["liger (logprob only)"] = _liger_linear
     else:  # the fallback where Inductor cannot compile the chunk bodies
         out["arpo-torch eager"] = _forced(ours, "torch", "off")

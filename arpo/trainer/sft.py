@@ -11,7 +11,8 @@ automatically: ` <result>…</result>` spans under `tools.protocol=tags`, the ch
 (`<|im_end|>\n<|im_start|>user\n<tool_response>\n…\n</tool_response><|im_end|>\n<|im_start|>assistant\n` for
 Qwen) under `hermes`, whose prompts also carry the tools' schemas, as in RL. Batches are packed end to end (varlen
 attention, no padding); the log-likelihood goes
-through the fused `linear_logprobs_entropy`, never materialising [tokens, vocab] logits. The optimiser is AdamW
+through the fused `linear_token_loss` (each chunk's gradient taken in its forward), never materialising
+[tokens, vocab] logits. The optimiser is AdamW
 with sft.lr, optim.weight_decay and optim.grad_clip, and PyTorch's default betas (optim.betas are the RL's).
 Where to stop: `sft.stop_accuracy` (the running share of training traces that greedy decoding would reproduce)
 or `sft.stop_loss`, else all `sft.steps`.
@@ -103,7 +104,7 @@ def packed_nll(model, batch: list[tuple[list[int], list[int]]], bf16: bool = Tru
     with `seq_acc` the fraction of sequences whose every trainable token is the argmax (teacher forced: for
     demonstrations whose untrained spans are deterministic tool results, the share greedy decoding reproduces)."""
     from arpo.model import AttentionContext
-    from arpo_kernels import linear_logprobs_entropy
+    from arpo_kernels import linear_token_loss
 
     dev = model.device
     ids, pos, cu, pred, tgt, owner = [], [], [0], [], [], []
@@ -125,10 +126,11 @@ def packed_nll(model, batch: list[tuple[list[int], list[int]]], bf16: bool = Tru
         hidden = model(t(ids), t(pos), ctx)
     w = model.lm_head_weight
     h = hidden.index_select(0, t(pred)).to(w.dtype)
-    logp, _ = linear_logprobs_entropy(h, w, t(tgt))
+    n = len(tgt)
+    loss, _, _ = linear_token_loss(h, w, t(tgt), lambda lp, ent, a, b: -lp.sum() / n)
     if not seq_acc:
-        return -logp.mean(), len(tgt)
-    return -logp.mean(), len(tgt), _sequence_accuracy(h.detach(), w.detach(), t(tgt), t(owner), len(batch))
+        return loss, n
+    return loss, n, _sequence_accuracy(h.detach(), w.detach(), t(tgt), t(owner), len(batch))
 
 
 @torch.no_grad()

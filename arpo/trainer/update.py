@@ -5,7 +5,8 @@ step each, `algo.ppo_epochs` passes). A mini-batch is tree-packed (`arpo.algo.pa
 forwarded once, tree attention, depth positions) in micro-batches of about `train.micro_batch_tokens`
 packed tokens whose gradients accumulate. The aggregation weights (token-mean, ...) are computed once over the
 whole mini-batch and sliced per micro-batch — the loss kernel's per-token coefficients are exact for any split —
-so the accumulated gradient equals that of one forward over the mini-batch.
+so the accumulated gradient equals that of one forward over the mini-batch. The loss comes straight from the
+hidden states (`linear_token_loss`: no [tokens, V] logits, each chunk's gradient taken in its forward).
 
 Data-parallel (under torchrun, `arpo.trainer.distributed`): each rank holds its part of every mini-batch; the
 weights are normalised over the global mini-batch and FSDP2 sums the gradients, so the update equals the
@@ -31,7 +32,7 @@ from arpo.algo import pack_trees
 from arpo.model import AttentionContext
 from arpo.trainer import distributed as D
 from arpo.trainer.sft import autocast
-from arpo_kernels import linear_logprobs_entropy, segmented_policy_loss
+from arpo_kernels import linear_logprobs_entropy, linear_token_loss, segmented_policy_loss
 from arpo_kernels.policy_loss import PolicyLossWeights
 
 NO_DUAL_CLIP = 1e30
@@ -65,15 +66,20 @@ def tree_context(batch) -> AttentionContext:
     return AttentionContext.tree_blocks(*batch.node_blocks())
 
 
+def _loss_hidden(model, batch, bf16: bool, ctx: AttentionContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """The hidden states that predict the loss tokens of a packed batch, and the lm_head weight to apply."""
+    with autocast(batch.input_ids.device, bf16):
+        hidden = model(batch.input_ids, batch.position_ids, ctx)
+    w = model.lm_head_weight
+    return hidden.index_select(0, batch.pred_index).to(w.dtype), w
+
+
 def token_stats(model, batch, temperature: float, bf16: bool, ctx: AttentionContext | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log-prob, entropy) of the loss tokens of a (device-resident) packed batch under `model`, differentiable.
     `ctx` defaults to `tree_context(batch)`."""
     ctx = tree_context(batch) if ctx is None else ctx
-    with autocast(batch.input_ids.device, bf16):
-        hidden = model(batch.input_ids, batch.position_ids, ctx)
-    w = model.lm_head_weight
-    h = hidden.index_select(0, batch.pred_index).to(w.dtype)
+    h, w = _loss_hidden(model, batch, bf16, ctx)
     return linear_logprobs_entropy(h, w, batch.targets, temperature=temperature)
 
 
@@ -85,22 +91,46 @@ def _loss_kwargs(cfg) -> dict:
             "entropy_adv_coef": a.aepo_entropy_adv_coef if a.aepo_entropy_advantage else 0.0}
 
 
+def _chunk_loss(w: PolicyLossWeights, old: torch.Tensor, ref: torch.Tensor | None, cfg):
+    """The loss of tokens [a, b): the segmented policy loss (+ KL) minus the entropy bonus, weighted like the loss
+    tokens (Σ weight = the aggregation). A sum over tokens, so chunks of it add up to the micro-batch's loss."""
+    kw, coef = _loss_kwargs(cfg), cfg.algo.entropy_coef
+
+    def loss_fn(lp, ent, a, b):
+        wc = PolicyLossWeights(*(t[a:b] for t in w))
+        loss, _ = segmented_policy_loss(lp, old[a:b], wc, entropy=ent.detach(),
+                                        ref_logprobs=None if ref is None else ref[a:b], **kw)
+        if coef > 0:
+            loss = loss - coef * (wc.weight.float() * ent).sum()
+        return loss
+    return loss_fn
+
+
 def _micro_step(model, ref_model, micro, w, cfg, temperature: float, measure_gap: bool, sums: dict) -> float:
     """Forward + backward of one micro-batch; adds weighted metric sums into `sums`, returns the largest
-    log-prob gap (0 unless `measure_gap`)."""
+    log-prob gap (0 unless `measure_gap`).
+
+    The loss is taken by `linear_token_loss` (each chunk's gradient while its logits exist: three lm_head matmuls
+    instead of four) unless AEPO's entropy advantage is on: its z-score spans the micro-batch, so no chunk's
+    gradient is known before all entropies are, and the loss goes through the log-probs as a whole."""
     ctx = tree_context(micro)
-    logp, ent = token_stats(model, micro, temperature, cfg.train.bf16, ctx)
     old = micro.old_logprobs
     ref = None
     if cfg.algo.kl_coef > 0 and ref_model is not None:
         with torch.no_grad():
             ref, _ = token_stats(ref_model, micro, temperature, cfg.train.bf16, ctx)
-    loss, m = segmented_policy_loss(logp, old, w, entropy=ent.detach(), ref_logprobs=ref, **_loss_kwargs(cfg))
-    count = w.count.float()
-    if cfg.algo.entropy_coef > 0:  # entropy bonus, weighted like the loss tokens (Σ weight = the aggregation)
-        loss = loss - cfg.algo.entropy_coef * (w.weight.float() * ent).sum()
+    kw = _loss_kwargs(cfg)
+    if kw["entropy_adv_coef"]:
+        logp, ent = token_stats(model, micro, temperature, cfg.train.bf16, ctx)
+        loss = _chunk_loss(w, old, ref, cfg)(logp, ent, 0, logp.numel())
+    else:
+        h, lm_head = _loss_hidden(model, micro, cfg.train.bf16, ctx)
+        loss, logp, ent = linear_token_loss(h, lm_head, micro.targets, _chunk_loss(w, old, ref, cfg),
+                                            temperature=temperature)
     loss.backward()
-    n = float(count.sum())
+    with torch.no_grad():
+        _, m = segmented_policy_loss(logp.detach(), old, w, entropy=ent.detach(), ref_logprobs=ref, **kw)
+    n = float(w.count.float().sum())
     sums["loss"] += float(loss.detach())
     sums["count"] += n
     for k, v in m.items():

@@ -151,6 +151,40 @@ def test_micro_batches_accumulate_to_the_whole_minibatch_gradient():
     assert any(a.abs().max() > 0 for a in g1)
 
 
+def _unfused_token_loss(hidden, weight, targets, loss_fn, temperature=1.0):
+    """The reference for `linear_token_loss` in the trainer: statistics first, the loss of all tokens after."""
+    from arpo_kernels import linear_logprobs_entropy
+    lp, ent = linear_logprobs_entropy(hidden, weight, targets, temperature=temperature)
+    return loss_fn(lp, ent, 0, lp.numel()), lp.detach(), ent.detach()
+
+
+@pytest.mark.parametrize("extra", [["algo.entropy_coef=0.05", "algo.kl_coef=0.1"], ["algo.aepo_entropy_clip=true"],
+                                   ["algo.aepo_entropy_advantage=true", "algo.entropy_coef=0.05"]])
+def test_fused_loss_equals_the_unfused_update(monkeypatch, extra):
+    """The trainer's loss through `linear_token_loss` (gradient in the forward, per chunk) gives the loss, the
+    metrics and the gradients of the statistics-then-loss path, with the entropy bonus, KL and AEPO options; AEPO's
+    entropy advantage (a z-score over the micro-batch) keeps the unfused path, and must give the same too."""
+    import arpo.trainer.update as update
+    trees = [random_tree(s, vocab=54, n_leaves=4, seg_len=(1, 6)) for s in range(4)]
+    cfg = load_config(None, ["train.batch_prompts=4", "train.mini_batch_prompts=4", "train.micro_batch_tokens=40",
+                             "rollout.temperature=0.9"] + extra)
+    out = {}
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(update, "linear_token_loss", _unfused_token_loss)
+        model = _tiny_model(seed=1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        m = policy_update(model, trees, cfg, opt, ref_model=_tiny_model(seed=2), temperature=0.9)
+        out[fused] = ([p.grad.clone() for p in model.parameters()], m)
+    (g1, m1), (g2, m2) = out[True], out[False]
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert m1.keys() == m2.keys()
+    for k in m1:
+        assert m1[k] == pytest.approx(m2[k], rel=1e-5, abs=1e-7), k
+    assert any(a.abs().max() > 0 for a in g1)
+
+
 def test_lr_schedule():
     assert [lr_factor(s, 2, 10, "constant", 0.0) for s in range(4)] == [0.5, 1.0, 1.0, 1.0]
     assert lr_factor(2, 2, 10, "cosine", 0.1) == pytest.approx(1.0)
