@@ -221,12 +221,14 @@ def _groups(trees, max_tokens: int, size) -> list[list]:
 
 
 def _packed_update(model, trees, case: Case, dense: bool, times: dict) -> int:
-    """Tree-packed micro-batches (the trainer's context, or the dense mask); returns packed tokens trained."""
+    """Tree-packed micro-batches through the trainer's loss (`micro_loss`, default algo settings) with its tree
+    context or the dense mask; returns packed tokens trained."""
     from arpo.algo import pack_trees
+    from arpo.config import load_config
     from arpo.model import AttentionContext
-    from arpo.trainer.update import token_stats, tree_context
-    from arpo_kernels import segmented_policy_loss
+    from arpo.trainer.update import micro_loss, tree_context
 
+    cfg = load_config(None, [f"train.bf16={str(case.device.startswith('cuda')).lower()}"])
     total, k, tokens = pack_trees(trees).loss_weights("soft", "token-mean"), 0, 0
     for group in _groups(trees, case.micro_batch_tokens, lambda t: t.num_unique_tokens()):
         t0 = time.perf_counter()
@@ -236,9 +238,7 @@ def _packed_update(model, trees, case: Case, dense: bool, times: dict) -> int:
         w = type(total)(*(x[k:k + n].to(case.device) for x in total))
         _sync(case.device)
         t1 = time.perf_counter()
-        logp, ent = token_stats(model, micro, 1.0, case.device.startswith("cuda"), ctx)
-        loss, _ = segmented_policy_loss(logp, micro.old_logprobs, w, entropy=ent.detach())
-        loss.backward()
+        micro_loss(model, micro, w, cfg, 1.0, ctx)[0].backward()  # the trainer's loss path
         _sync(case.device)
         times["packing"] += t1 - t0
         times["fwd_bwd"] += time.perf_counter() - t1

@@ -106,13 +106,25 @@ def _chunk_loss(w: PolicyLossWeights, old: torch.Tensor, ref: torch.Tensor | Non
     return loss_fn
 
 
-def _micro_step(model, ref_model, micro, w, cfg, temperature: float, measure_gap: bool, sums: dict) -> float:
-    """Forward + backward of one micro-batch; adds weighted metric sums into `sums`, returns the largest
-    log-prob gap (0 unless `measure_gap`).
+def micro_loss(model, micro, w: PolicyLossWeights, cfg, temperature: float, ctx: AttentionContext,
+               ref: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, log-prob, entropy) of one device-resident packed micro-batch, the loss ready for `.backward()`.
 
     The loss is taken by `linear_token_loss` (each chunk's gradient while its logits exist: three lm_head matmuls
     instead of four) unless AEPO's entropy advantage is on: its z-score spans the micro-batch, so no chunk's
-    gradient is known before all entropies are, and the loss goes through the log-probs as a whole."""
+    gradient is known before all entropies are, and the loss goes through the log-probs as a whole. `ref`: the
+    reference model's log-probs of the same tokens (KL term)."""
+    loss_fn = _chunk_loss(w, micro.old_logprobs, ref, cfg)
+    if _loss_kwargs(cfg)["entropy_adv_coef"]:
+        logp, ent = token_stats(model, micro, temperature, cfg.train.bf16, ctx)
+        return loss_fn(logp, ent, 0, logp.numel()), logp.detach(), ent.detach()
+    h, lm_head = _loss_hidden(model, micro, cfg.train.bf16, ctx)
+    return linear_token_loss(h, lm_head, micro.targets, loss_fn, temperature=temperature)
+
+
+def _micro_step(model, ref_model, micro, w, cfg, temperature: float, measure_gap: bool, sums: dict) -> float:
+    """Forward + backward of one micro-batch (`micro_loss`); adds weighted metric sums into `sums`, returns the
+    largest log-prob gap (0 unless `measure_gap`)."""
     ctx = tree_context(micro)
     old = micro.old_logprobs
     ref = None
@@ -120,16 +132,10 @@ def _micro_step(model, ref_model, micro, w, cfg, temperature: float, measure_gap
         with torch.no_grad():
             ref, _ = token_stats(ref_model, micro, temperature, cfg.train.bf16, ctx)
     kw = _loss_kwargs(cfg)
-    if kw["entropy_adv_coef"]:
-        logp, ent = token_stats(model, micro, temperature, cfg.train.bf16, ctx)
-        loss = _chunk_loss(w, old, ref, cfg)(logp, ent, 0, logp.numel())
-    else:
-        h, lm_head = _loss_hidden(model, micro, cfg.train.bf16, ctx)
-        loss, logp, ent = linear_token_loss(h, lm_head, micro.targets, _chunk_loss(w, old, ref, cfg),
-                                            temperature=temperature)
+    loss, logp, ent = micro_loss(model, micro, w, cfg, temperature, ctx, ref)
     loss.backward()
     with torch.no_grad():
-        _, m = segmented_policy_loss(logp.detach(), old, w, entropy=ent.detach(), ref_logprobs=ref, **kw)
+        _, m = segmented_policy_loss(logp, old, w, entropy=ent, ref_logprobs=ref, **kw)
     n = float(w.count.float().sum())
     sums["loss"] += float(loss.detach())
     sums["count"] += n
@@ -137,7 +143,7 @@ def _micro_step(model, ref_model, micro, w, cfg, temperature: float, measure_gap
         sums[k] += float(v) * n
     if not measure_gap:
         return 0.0
-    gap = (logp.detach() - old).abs()
+    gap = (logp - old).abs()
     sums["gap_sum"] += float(gap.sum())
     sums["gap_n"] += gap.numel()
     return float(gap.max()) if gap.numel() else 0.0
