@@ -24,15 +24,18 @@ from arpo_kernels.token_stats import check_temperature, stats_backward, stats_fo
 ChunkLoss = Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor]
 
 
-def _chunk_grads(loss_fn: ChunkLoss, lp: torch.Tensor, ent: torch.Tensor, a: int, b: int):
-    """The chunk's loss and its gradient w.r.t. the chunk's log-probs and entropies (zeros where unused)."""
-    with torch.enable_grad():
+def _chunk_grads(loss_fn: ChunkLoss, lp: torch.Tensor, ent: torch.Tensor, a: int, b: int, want: bool):
+    """The chunk's loss and, if `want`, its gradient w.r.t. the chunk's log-probs and entropies (zeros where
+    unused; None without `want`)."""
+    with torch.set_grad_enabled(want):
         lp_leaf = lp.detach().requires_grad_()
         ent_leaf = ent.detach().requires_grad_()
         loss = loss_fn(lp_leaf, ent_leaf, a, b)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise ValueError(f"loss_fn must return a one-element tensor, got "
                              f"{type(loss).__name__}{tuple(getattr(loss, 'shape', ()))}")
+        if not want:
+            return loss.detach().float().reshape(()), None, None
         if loss.requires_grad:
             g_lp, g_ent = torch.autograd.grad(loss.reshape(()), (lp_leaf, ent_leaf), allow_unused=True)
         else:
@@ -61,7 +64,7 @@ class _LinearTokenLoss(torch.autograd.Function):
             logits = torch.matmul(h, weight.t(), out=work[:b - a])
             lp, ent, lse = stats_forward(logits, t, temperature, ignore_index)
             logprob[a:b], entropy[a:b] = lp, ent
-            loss, g_lp, g_ent = _chunk_grads(loss_fn, lp, ent, a, b)
+            loss, g_lp, g_ent = _chunk_grads(loss_fn, lp, ent, a, b, need_h or need_w)
             total += loss
             if need_h or need_w:
                 grad_logits = stats_backward(logits, t, lse, ent, g_lp, g_ent, temperature, ignore_index, out=logits)
