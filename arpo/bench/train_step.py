@@ -12,8 +12,9 @@ Random weights and a synthetic tool keep every length fixed, so the step is the 
   = `tool_calls` results + (tool_calls + 1) segments = `response` tokens. Rewards: a fixed coin per leaf.
   (TreeRollout needs a model that writes tool tags; random weights never do, so the branch points are scripted —
   the engine work, forks and tool waits are the real ones.)
-- Update: the trees in micro-batches of `micro_batch_tokens` packed tokens, token-mean soft loss
-  (`segmented_policy_loss`), backward, one AdamW step.
+- Update: the trees in micro-batches of `micro_batch_tokens` packed tokens, token-mean soft loss through the
+  trainer's own `arpo.trainer.update.micro_loss` (tree-packed, dense mask) or verl's row loss (rows), backward,
+  one AdamW step.
 
 Providers (the same rollout, three trainers, in one run):
 - `tree-packed`: the trainer's path (`arpo.trainer.update.tree_context`: the interval kernel on CUDA,
