@@ -47,7 +47,8 @@ def _logits_chunk(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def check_linear_inputs(hidden, weight, targets, ignore_index: int, chunk_elements: int | None) -> int:
-    """Validate the inputs of the lm_head-fused functions (shapes, dtypes, device, targets); returns the chunk size in logits (default per device)."""
+    """Validate the inputs of the lm_head-fused functions (shapes, dtypes, device, targets); returns the chunk
+    size in logits (default per device)."""
     if not isinstance(hidden, torch.Tensor) or hidden.dim() < 1:
         raise ValueError("hidden must be a tensor of shape [..., H]")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:

@@ -9,8 +9,8 @@ Workloads (each forward + backward unless named `fwd`):
 - `logits`: the same with backward to the logits.
 - `linear`: from hidden states and the lm_head weight (the trainer's real path), gradients to both.
   `... fused loss` is `linear_token_loss` on the same objective (each chunk's gradient taken in the forward:
-  three matmuls instead of four). The provider `matmuls` runs only the three matmuls any implementation needs (forward logits, d hidden,
-  d weight) at full size, as the floor the fused path is compared with.
+  three matmuls instead of four). The provider `matmuls` runs only the three matmuls any implementation needs
+  (forward logits, d hidden, d weight) at full size, as the floor the fused path is compared with.
 GPU shapes are Qwen2.5-3B's (H = 2048, V = 151,936); the CPU set is scaled down.
 """
 from __future__ import annotations

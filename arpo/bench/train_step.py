@@ -229,7 +229,7 @@ def _packed_update(model, trees, case: Case, dense: bool, times: dict) -> int:
     from arpo.model import AttentionContext
     from arpo.trainer.update import micro_loss, tree_context
 
-    cfg = load_config(None, [f"train.bf16={str(case.device.startswith('cuda')).lower()}"])
+    cfg = load_config(None, [])  # train.bf16 (default on) autocasts on CUDA only
     total, k, tokens = pack_trees(trees).loss_weights("soft", "token-mean"), 0, 0
     for group in _groups(trees, case.micro_batch_tokens, lambda t: t.num_unique_tokens()):
         t0 = time.perf_counter()

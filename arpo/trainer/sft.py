@@ -10,10 +10,9 @@ Traces: the embedded task's demonstrations (`arpo.data.task_demo_segments`), or 
 automatically: ` <result>…</result>` spans under `tools.protocol=tags`, the chat template's tool turns
 (`<|im_end|>\n<|im_start|>user\n<tool_response>\n…\n</tool_response><|im_end|>\n<|im_start|>assistant\n` for
 Qwen) under `hermes`, whose prompts also carry the tools' schemas, as in RL. Batches are packed end to end (varlen
-attention, no padding); the log-likelihood goes
-through the fused `linear_token_loss` (each chunk's gradient taken in its forward), never materialising
-[tokens, vocab] logits. The optimiser is AdamW
-with sft.lr, optim.weight_decay and optim.grad_clip, and PyTorch's default betas (optim.betas are the RL's).
+attention, no padding); the log-likelihood goes through the fused `linear_token_loss` (each chunk's gradient
+taken in its forward), never materialising [tokens, vocab] logits. The optimiser is AdamW with sft.lr,
+optim.weight_decay and optim.grad_clip, and PyTorch's default betas (optim.betas are the RL's).
 Where to stop: `sft.stop_accuracy` (the running share of training traces that greedy decoding would reproduce)
 or `sft.stop_loss`, else all `sft.steps`.
 """

@@ -91,15 +91,19 @@ def _loss_kwargs(cfg) -> dict:
             "entropy_adv_coef": a.aepo_entropy_adv_coef if a.aepo_entropy_advantage else 0.0}
 
 
-def _chunk_loss(w: PolicyLossWeights, old: torch.Tensor, ref: torch.Tensor | None, cfg):
+def _chunk_loss(w: PolicyLossWeights, old: torch.Tensor, ref: torch.Tensor | None, cfg, metric_sums: dict):
     """The loss of tokens [a, b): the segmented policy loss (+ KL) minus the entropy bonus, weighted like the loss
-    tokens (Σ weight = the aggregation). A sum over tokens, so chunks of it add up to the micro-batch's loss."""
+    tokens (Σ weight = the aggregation). A sum over tokens, so chunks of it add up to the micro-batch's loss. Each
+    call adds its chunk's metrics, weighted by its token count, into `metric_sums` (no second pass for them)."""
     kw, coef = _loss_kwargs(cfg), cfg.algo.entropy_coef
 
     def loss_fn(lp, ent, a, b):
         wc = PolicyLossWeights(*(t[a:b] for t in w))
-        loss, _ = segmented_policy_loss(lp, old[a:b], wc, entropy=ent.detach(),
+        loss, m = segmented_policy_loss(lp, old[a:b], wc, entropy=ent.detach(),
                                         ref_logprobs=None if ref is None else ref[a:b], **kw)
+        count = wc.count.float().sum()
+        for k, v in m.items():
+            metric_sums[k] = metric_sums.get(k, 0.0) + v * count
         if coef > 0:
             loss = loss - coef * (wc.weight.float() * ent).sum()
         return loss
@@ -107,43 +111,40 @@ def _chunk_loss(w: PolicyLossWeights, old: torch.Tensor, ref: torch.Tensor | Non
 
 
 def micro_loss(model, micro, w: PolicyLossWeights, cfg, temperature: float, ctx: AttentionContext,
-               ref: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, log-prob, entropy) of one device-resident packed micro-batch, the loss ready for `.backward()`.
+               ref: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    """(loss, log-prob, entropy, metric sums) of one device-resident packed micro-batch, the loss ready for
+    `.backward()`; the metric sums are the loss metrics weighted by token count (0-dim tensors).
 
     The loss is taken by `linear_token_loss` (each chunk's gradient while its logits exist: three lm_head matmuls
     instead of four) unless AEPO's entropy advantage is on: its z-score spans the micro-batch, so no chunk's
     gradient is known before all entropies are, and the loss goes through the log-probs as a whole. `ref`: the
     reference model's log-probs of the same tokens (KL term)."""
-    loss_fn = _chunk_loss(w, micro.old_logprobs, ref, cfg)
+    metric_sums: dict = {}
+    loss_fn = _chunk_loss(w, micro.old_logprobs, ref, cfg, metric_sums)
     if _loss_kwargs(cfg)["entropy_adv_coef"]:
         logp, ent = token_stats(model, micro, temperature, cfg.train.bf16, ctx)
-        return loss_fn(logp, ent, 0, logp.numel()), logp.detach(), ent.detach()
+        return loss_fn(logp, ent, 0, logp.numel()), logp.detach(), ent.detach(), metric_sums
     h, lm_head = _loss_hidden(model, micro, cfg.train.bf16, ctx)
-    return linear_token_loss(h, lm_head, micro.targets, loss_fn, temperature=temperature)
+    return (*linear_token_loss(h, lm_head, micro.targets, loss_fn, temperature=temperature), metric_sums)
 
 
 def _micro_step(model, ref_model, micro, w, cfg, temperature: float, measure_gap: bool, sums: dict) -> float:
     """Forward + backward of one micro-batch (`micro_loss`); adds weighted metric sums into `sums`, returns the
     largest log-prob gap (0 unless `measure_gap`)."""
     ctx = tree_context(micro)
-    old = micro.old_logprobs
     ref = None
     if cfg.algo.kl_coef > 0 and ref_model is not None:
         with torch.no_grad():
             ref, _ = token_stats(ref_model, micro, temperature, cfg.train.bf16, ctx)
-    kw = _loss_kwargs(cfg)
-    loss, logp, ent = micro_loss(model, micro, w, cfg, temperature, ctx, ref)
+    loss, logp, _, metric_sums = micro_loss(model, micro, w, cfg, temperature, ctx, ref)
     loss.backward()
-    with torch.no_grad():
-        _, m = segmented_policy_loss(logp, old, w, entropy=ent, ref_logprobs=ref, **kw)
-    n = float(w.count.float().sum())
     sums["loss"] += float(loss.detach())
-    sums["count"] += n
-    for k, v in m.items():
-        sums[k] += float(v) * n
+    sums["count"] += float(w.count.float().sum())
+    for k, v in metric_sums.items():
+        sums[k] += float(v)
     if not measure_gap:
         return 0.0
-    gap = (logp - old).abs()
+    gap = (logp - micro.old_logprobs).abs()
     sums["gap_sum"] += float(gap.sum())
     sums["gap_n"] += gap.numel()
     return float(gap.max()) if gap.numel() else 0.0
