@@ -39,9 +39,9 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist", "pytest-benchmark", "hypothesis", "tokenizers", "bm25s", "sympy", "math-verify", "datasets", "matplotlib", "tensorboard",
-                 "fastapi", "uvicorn", "pydantic", "httpx", "openai", "pexpect", "mcp", "aiohttp", "httptools",
-                 "uvloop; sys_platform != 'win32'"],
+        "test": ["pytest", "pytest-xdist", "pytest-benchmark", "hypothesis", "tokenizers", "bm25s", "sympy",
+                 "math-verify", "datasets", "matplotlib", "tensorboard", "fastapi", "uvicorn", "pydantic", "httpx",
+                 "openai", "pexpect", "mcp", "aiohttp", "httptools", "uvloop; sys_platform != 'win32'"],
         "serve": ["fastapi", "uvicorn", "pydantic", "httpx", "httptools", "uvloop; sys_platform != 'win32'"],
         "bench": ["aiohttp", "pytest-benchmark"],
         "tools": ["bm25s", "sympy", "math-verify", "datasets", "matplotlib", "tensorboard", "mcp"],

@@ -18,8 +18,8 @@ Entries equal to -inf (a masked vocabulary) have p = 0 and contribute nothing. R
 
 Backends (one dispatch point, `_backend.backend_for`): Triton kernels on CUDA or under TRITON_INTERPRET=1;
 elsewhere PyTorch with the same recompute-in-backward structure: the chunk bodies fused by torch.compile
-(`token_stats_compiled`, the CPU default) or, where compiling is off or impossible, eager ops chunked over rows. `token_logprobs_entropy_reference`
-is the plain PyTorch definition the tests compare against.
+(`token_stats_compiled`, the CPU default) or, where compiling is off or impossible, eager ops chunked over rows.
+`token_logprobs_entropy_reference` is the plain PyTorch definition the tests compare against.
 """
 from __future__ import annotations
 

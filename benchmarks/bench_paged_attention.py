@@ -1,6 +1,7 @@
 """Paged decode attention and trajectory forking, providers side by side (workloads: arpo/bench/paged_attention.py).
 
-    pytest benchmarks/bench_paged_attention.py --benchmark-only [--benchmark-json=benchmarks/results/paged_attention.json]
+    pytest benchmarks/bench_paged_attention.py --benchmark-only
+        [--benchmark-json=benchmarks/results/paged_attention.json]
 """
 import pytest
 

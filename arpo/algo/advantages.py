@@ -114,7 +114,8 @@ def hard_segment_advantages(membership: torch.Tensor, advantages: torch.Tensor) 
     return (mem @ advantages.to(torch.float64)) / mem.sum(1).clamp(min=1)
 
 
-def hard_coefficients(membership: torch.Tensor, advantages: torch.Tensor, token_weights: torch.Tensor) -> SegmentCoefficients:
+def hard_coefficients(membership: torch.Tensor, advantages: torch.Tensor,
+                      token_weights: torch.Tensor) -> SegmentCoefficients:
     """Hard attribution: one mean advantage per segment, each token counted once with weight c_s."""
     a = hard_segment_advantages(membership, advantages)
     on_path = (membership.sum(1) > 0).to(torch.float64)

@@ -3,10 +3,11 @@
 Policy: `arpo.rollout.toy_policy.tool_chain_policy("python")`, a Qwen2 of the embedded model's shape (hidden 128,
 4 layers; hidden 512, 8 layers on CUDA) whose weights encode a character chain that keeps writing
 `<python>12*3+4</python>` calls — an untrained model never closes a tag, so this scripted-but-real model is what
-makes tool calls, pauses, probes and branching happen. Tools: the real Python sandbox (result cache off, output cut to 400 characters).
-Prompts: embedded arithmetic questions, bare (~16 tokens) or behind an instruction preamble of `instructions`
-tokens — agent prompts carry their tool instructions (the reference's template is several hundred tokens), and
-that shared prefix is what the re-prefill way computes again for every global sample and branch. What is measured, per rollout of all prompts (M leaves each):
+makes tool calls, pauses, probes and branching happen. Tools: the real Python sandbox (result cache off, output cut to
+400 characters). Prompts: embedded arithmetic questions, bare (~16 tokens) or behind an instruction preamble of
+`instructions` tokens — agent prompts carry their tool instructions (the reference's template is several hundred
+tokens), and that shared prefix is what the re-prefill way computes again for every global sample and branch. What is
+measured, per rollout of all prompts (M leaves each):
 
 - `tree-fork`: ARPO on our engine — prompt prefilled once, branches forked (shared blocks, zero re-prefill).
 - `tree-reprefill` (baseline): the same trees produced the reference's way — every global sample and every
@@ -77,7 +78,8 @@ def _policy(device: str):
 
         kw = dict(hidden_size=512, layers=8, heads=8, kv_heads=2, intermediate_size=1536) if device.startswith(
             "cuda") else {}
-        _POLICY[device] = tool_chain_policy("python", seed=0, device=device, chain_kw={"eps": 1e-4, "p_eos": 0.05}, noise=5e-4, **kw)
+        _POLICY[device] = tool_chain_policy("python", seed=0, device=device, chain_kw={"eps": 1e-4, "p_eos": 0.05},
+                                            noise=5e-4, **kw)
     return _POLICY[device]
 
 

@@ -22,8 +22,8 @@ Providers (the same rollout, three trainers, in one run):
 - `dense-mask`: the same packed batch with the dense [T, T] ancestor mask (SDPA).
 - `duplicated-rows` (baseline): one row per leaf, varlen causal attention (TRL / verl's way), verl's row loss.
 Extra columns: the split (rollout / tools / packing / fwd_bwd / optimizer, ms), decode tokens/s, training tokens/s
-(the tokens each trainer forwards / its fwd+bwd time), MFU of the forward+backward (the tree's useful FLOPs: 6·params·tokens +
-attention 12·layers·Hq·D·Σ visible keys, over the card's bf16 dense peak; CUDA only).
+(the tokens each trainer forwards / its fwd+bwd time), MFU of the forward+backward (the tree's useful FLOPs:
+6·params·tokens + attention 12·layers·Hq·D·Σ visible keys, over the card's bf16 dense peak; CUDA only).
 Shapes: `ARPO_TRAIN_STEP="prompts=32 leaves=16 initial=8 prompt=1024 response=2048 tool_calls=2"` overrides
 any field of `Case`.
 

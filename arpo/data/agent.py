@@ -217,4 +217,5 @@ def all_agent_texts() -> list[str]:
 
 
 __all__ = ["DIRECT", "ARITH", "FACT", "TWOHOP", "FACT_CALC", "AGE", "SUM", "SOURCES", "MIX", "AGENT_SEARCH_TOP_K",
-           "agent_examples", "question_split", "agent_search_tool", "agent_demo_segments", "python_output", "all_agent_texts"]
+           "agent_examples", "question_split", "agent_search_tool", "agent_demo_segments", "python_output",
+           "all_agent_texts"]

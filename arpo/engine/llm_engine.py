@@ -85,8 +85,8 @@ class LLMEngine:
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype | None = None, device=None, tokenizer=None, **kw):
-        """Load a local Hugging Face checkpoint directory (Qwen2/2.5, Qwen3, Llama 3.x) and build an engine on it, with the tokenizer
-        saved there (none, and a warning, when the directory has no tokenizer files)."""
+        """Load a local Hugging Face checkpoint directory (Qwen2/2.5, Qwen3, Llama 3.x) and build an engine on it, with
+        the tokenizer saved there (none, and a warning, when the directory has no tokenizer files)."""
         from arpo.model import CausalLM
 
         model = CausalLM.from_pretrained(path, dtype=dtype, device=device)

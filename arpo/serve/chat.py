@@ -1,9 +1,9 @@
 """`arpo chat CHECKPOINT [--tools python,search]`: a terminal conversation with a checkpoint, in process.
 
 The same machinery as `arpo serve` without HTTP: the engine process (`EngineClient`) owns the engine, each turn
-is a `Job` whose events a `Choice` turns into text (so the prompt format, the agent's tool protocol and the streamed text are the
-server's, byte for byte). The history is the list of messages; each turn's prompt is the whole history through
-`chat_prompt_ids` (the checkpoint's chat template — with tools, rendered by the run's `tools.protocol`, so under
+is a `Job` whose events a `Choice` turns into text (so the prompt format, the agent's tool protocol and the streamed
+text are the server's, byte for byte). The history is the list of messages; each turn's prompt is the whole history
+through `chat_prompt_ids` (the checkpoint's chat template — with tools, rendered by the run's `tools.protocol`, so under
 `hermes` the tools' schemas go in through the template's `tools=` — or the plain format of the embedded character
 tokenizer). The assistant's reply goes back into it as the protocol says (`reply_messages`): under `tags` one
 assistant message with the tool calls and `<result>` blocks as the model produced them; under `hermes` the

@@ -8,10 +8,11 @@ receive their events, know when it is gone, stop it.
 
 The process is a fresh interpreter (`python -m arpo.serve.engine_loop`, the two pipes passed as file descriptors:
 no copy of the front end's threads or locks, and unlike multiprocessing's `spawn` it does not re-import the
-caller's main script) that builds the engine from the checkpoint itself; the front end loads only the tokenizer. One reader thread here receives the
-engine's per-step batches and hands each job its events through the job's `emit` (the server's `Mailbox` moves them
-onto the event loop; `arpo chat` reads a queue). It spends its time blocked in `recv`, so it costs the front end's
-interpreter lock little, and it is never the main thread, so Ctrl-C cannot interrupt it half-way through a message.
+caller's main script) that builds the engine from the checkpoint itself; the front end loads only the tokenizer. One
+reader thread here receives the engine's per-step batches and hands each job its events through the job's `emit` (the
+server's `Mailbox` moves them onto the event loop; `arpo chat` reads a queue). It spends its time blocked in `recv`, so
+it costs the front end's interpreter lock little, and it is never the main thread, so Ctrl-C cannot interrupt it
+half-way through a message.
 
 When the engine process dies (killed, out of memory, a crash) the pipe reaches its end: every job still running
 gets an ("error", reason) event, `alive` turns False and `exit_reason` says why (`/health` reports it, new requests

@@ -150,8 +150,8 @@ def run_sft(model, tokenizer, cfg, logger=None, progress: bool = True, stop_loss
     trains in place. Early stops, checked on running means (EMAs over ~20 steps) after at least 50 steps:
     `stop_loss` (default `sft.stop_loss`) once the loss falls below it; `stop_accuracy` (default
     `sft.stop_accuracy`) once the greedy sequence accuracy of the training batches (`packed_nll(seq_acc=True)`:
-    the share of traces whose every trained token is the argmax) reaches it. Either gives a cold start that stops at a level
-    rather than at a fixed step count, whose outcome varies from seed to seed; the accuracy is the steadier of the
+    the share of traces whose every trained token is the argmax) reaches it. Either gives a cold start that stops at a
+    level rather than at a fixed step count, whose outcome varies from seed to seed; the accuracy is the steadier of the
     two (the mean token loss of a copying model says little about whether whole answers come out right)."""
     s = cfg.sft
     stop_loss = s.stop_loss if stop_loss is None else stop_loss

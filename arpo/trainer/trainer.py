@@ -167,7 +167,8 @@ class Trainer:
         self.rollout = build_rollout(self.engine, self.tools, self.reward_fn, cfg)
         self.train_prompts = prompt_inputs(train_rows(cfg), self.tokenizer, cfg.data, self.tools.protocol)
         self.eval_prompts = prompt_inputs(eval_rows(cfg), self.tokenizer, cfg.data, self.tools.protocol)
-        self.prompt_sampler = PromptSampler(self.train_prompts, cfg.train.batch_prompts, cfg.train.seed, cfg.data.shuffle)
+        self.prompt_sampler = PromptSampler(self.train_prompts, cfg.train.batch_prompts, cfg.train.seed,
+                                            cfg.data.shuffle)
         # DAPO's extra rounds draw from a stream of their own, so the step schedule stays what GRPO's is
         self.extra_sampler = PromptSampler(self.train_prompts, cfg.train.batch_prompts, cfg.train.seed + EXTRA_SEED,
                                            cfg.data.shuffle)

@@ -85,7 +85,8 @@ def test_graph_path_samples_like_the_plain_path(models, graphs):
     with top-k/top-p rows re-samples from the graph's logits; both give the plain path's tokens and stats."""
     hf, ours = models
     prompts = _prompts(hf.config.vocab_size, (5, 1, 12, 7))
-    params = [SamplingParams(temperature=1.0, max_tokens=6, seed=11), SamplingParams(temperature=0.7, max_tokens=6, seed=12),
+    params = [SamplingParams(temperature=1.0, max_tokens=6, seed=11),
+              SamplingParams(temperature=0.7, max_tokens=6, seed=12),
               SamplingParams(temperature=0, max_tokens=6), SamplingParams(temperature=1.0, max_tokens=6, seed=13)]
     for plist in (params, params[:3] + [SamplingParams(temperature=1.0, top_p=0.8, top_k=5, max_tokens=6, seed=13)]):
         plain = _engine(ours).generate(prompts, plist)

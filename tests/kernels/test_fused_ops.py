@@ -1,7 +1,7 @@
 """Fused position-wise ops (RMSNorm with the residual add, rotary on q and k with or without Qwen3's per-head
-q/k norm, SiLU·up) against the eager code they replace. In fp32 the Triton path equals the reference to rounding; in bf16 it rounds where the eager code
-rounds, so results are mostly bit-equal and otherwise off by a bf16 ulp or two (a statistic that differs in its
-last bit, rounded twice)."""
+q/k norm, SiLU·up) against the eager code they replace. In fp32 the Triton path equals the reference to rounding; in
+bf16 it rounds where the eager code rounds, so results are mostly bit-equal and otherwise off by a bf16 ulp or two (a
+statistic that differs in its last bit, rounded twice)."""
 import pytest
 import torch
 

@@ -68,7 +68,8 @@ def test_no_sharing_needs_no_merge():
     assert plan.merge.shape[1] == 1
     q = torch.randn(4, HKV * 2, D)
     torch.testing.assert_close(paged_decode_attention(q, k_cache, v_cache, tables, lens, plan=plan),
-                               paged_decode_attention_reference(q, k_cache, v_cache, tables, lens), **TOL[torch.float32])
+                               paged_decode_attention_reference(q, k_cache, v_cache, tables, lens),
+                               **TOL[torch.float32])
 
 
 def test_mixed_step_with_shared_blocks():

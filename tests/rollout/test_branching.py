@@ -78,7 +78,8 @@ def test_sum_gives_the_reference_scale_of_the_branch_probability():
                             uniform=lambda *key: 0.6).decide(init, probe, key=(0,), trajectory="g0", call=1,
                                                              position=0)
          for r in ("sum", "mean")}
-    assert p["sum"].delta_h == pytest.approx(20 / math.log(vocab)) and p["sum"].p == pytest.approx(0.5 + 4 / math.log(vocab))
+    assert p["sum"].delta_h == pytest.approx(20 / math.log(vocab))
+    assert p["sum"].p == pytest.approx(0.5 + 4 / math.log(vocab))
     assert p["mean"].delta_h == pytest.approx(1 / math.log(vocab))
     assert p["mean"].p == pytest.approx(0.5 + 0.2 / math.log(vocab))
     assert p["sum"].branch and not p["mean"].branch  # u = 0.6: 0.6 < 0.835 but not < 0.517

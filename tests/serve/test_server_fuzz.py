@@ -2,9 +2,10 @@
 
 Hypothesis writes request bodies for both endpoints: each field is mostly valid, sometimes at or past its limits
 (a prompt past the context, token ids outside the vocabulary, n in the hundreds, unknown roles) and now and then
-any JSON at all (nested lists and dicts, huge integers, strings, null); optional fields left out at random. Every answer must be either a 200 of the endpoint's shape (a stream ends with `[DONE]`, the
-usage adds up, no choice longer than `max_tokens`) or an OpenAI error body whose `param` is named in its message;
-never a 500. After all of them the engine holds no sequence and every block is free again."""
+any JSON at all (nested lists and dicts, huge integers, strings, null); optional fields left out at random. Every answer
+must be either a 200 of the endpoint's shape (a stream ends with `[DONE]`, the usage adds up, no choice longer than
+`max_tokens`) or an OpenAI error body whose `param` is named in its message; never a 500. After all of them the engine
+holds no sequence and every block is free again."""
 from __future__ import annotations
 
 import json

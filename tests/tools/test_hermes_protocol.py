@@ -69,7 +69,8 @@ def _conversation(family):
     think = (lambda s: f"<think>\n{s}\n</think>\n\n") if family == "qwen3" else (lambda s: f"{s}")
     return [
         {"role": "user", "content": "Reverse 'abc', add 2 and 40, reverse 'xyz'; then answer."},
-        {"role": "assistant", "content": think("First the reversal."), "tool_calls": [_call("reverse", {"text": "abc"})]},
+        {"role": "assistant", "content": think("First the reversal."),
+         "tool_calls": [_call("reverse", {"text": "abc"})]},
         {"role": "tool", "name": "reverse", "content": "cba"},
         {"role": "assistant", "content": think("Now the sum."), "tool_calls": [_call("add", {"a": 2, "b": 40})]},
         {"role": "tool", "name": "add", "content": "42"},

@@ -307,7 +307,8 @@ def test_cpu_job_shards_on_the_cpu_even_where_cuda_is_visible(monkeypatch):
     try:
         # what FSDP2's default mesh asks (torch 2.11-2.13): this process now looks like a machine with a GPU
         monkeypatch.setattr(torch._C, "_get_accelerator", lambda: torch.device("cuda"))
-        model = D.shard_model(Qwen2Model(ModelConfig.from_dict(dict(HF_CONFIG, model_type="qwen2", max_position_embeddings=64))))
+        model = D.shard_model(Qwen2Model(ModelConfig.from_dict(dict(HF_CONFIG, model_type="qwen2",
+                                                                    max_position_embeddings=64))))
         weights = [p for p in model.parameters() if isinstance(p, DTensor)]
         assert weights and {p.device_mesh.device_type for p in weights} == {"cpu"}
     finally:
