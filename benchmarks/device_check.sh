@@ -18,8 +18,9 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" ARPO_NO_EXT=1 PYTHONUNBUFFER
 QUICK=()
 [ "$DEVICE" = cuda ] || QUICK=(--quick)
 LOG="$OUT/check.log"
+ALL=(env tests tree stats decode step dist serve)
 PHASES=("$@")
-[ ${#PHASES[@]} -gt 0 ] || PHASES=(env tests tree stats decode step dist serve)
+[ ${#PHASES[@]} -gt 0 ] || PHASES=("${ALL[@]}")
 
 phase() {  # phase NAME LIMIT COMMAND...: run under `timeout`, output to the log, one status line to stdout
   local name=$1 limit=$2 start rc
@@ -58,7 +59,7 @@ for p in "${PHASES[@]}"; do
       cp /tmp/arpo_dist/summary.json "$OUT/dist_summary.json" 2>/dev/null
       ;;
     serve) bench serve "${LIMIT_SERVE:-120}" serve ;;
-    *) echo "unknown phase '$p' (phases: env tests tree stats decode step dist serve)"; exit 2 ;;
+    *) echo "unknown phase '$p' (phases: ${ALL[*]})"; exit 2 ;;
   esac
 done
 tail -n 60 "$LOG"

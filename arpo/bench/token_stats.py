@@ -108,12 +108,14 @@ def _logits_provider(stats_fn):
     return make
 
 
+def _objective(lp, ent, *_chunk):
+    """The linear workload's objective: Σ log-prob + Σ entropy (of all tokens, or of a chunk's)."""
+    return lp.sum() + ent.sum()
+
+
 def _stats_objective(stats_from_hidden):
-    """The linear workload's objective, Σ log-prob + Σ entropy, from a `(hidden, weight, targets) -> (lp, ent)`."""
-    def loss(hidden, weight, targets):
-        lp, ent = stats_from_hidden(hidden, weight, targets)
-        return lp.sum() + ent.sum()
-    return loss
+    """`_objective` from a `(hidden, weight, targets) -> (lp, ent)`."""
+    return lambda hidden, weight, targets: _objective(*stats_from_hidden(hidden, weight, targets))
 
 
 def _linear_provider(loss_from_hidden):
@@ -171,7 +173,7 @@ def _fused_loss(hidden, weight, targets):
     """`linear_token_loss` on the same objective: each chunk's gradient taken in the forward."""
     from arpo_kernels import linear_token_loss
 
-    return linear_token_loss(hidden, weight, targets, lambda lp, ent, a, b: lp.sum() + ent.sum())[0]
+    return linear_token_loss(hidden, weight, targets, _objective)[0]
 
 
 def _liger_linear(case: Case):

@@ -119,12 +119,8 @@ def _check_ok(path: str, body: dict, resp: httpx.Response) -> None:
         assert limit is None or max(counts) <= limit, (counts, limit)
 
 
-@settings(max_examples=150, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(request=REQUESTS)
-def test_every_body_gets_an_answer_or_a_named_refusal(served, request):
-    path, body = request
-    resp = served.post(path, json=body)
+def _check_answer(http: httpx.Client, path: str, body: dict) -> None:
+    resp = http.post(path, json=body)
     if resp.status_code == 200:
         _check_ok(path, body, resp)
         return
@@ -135,8 +131,16 @@ def test_every_body_gets_an_answer_or_a_named_refusal(served, request):
     assert param and param.split(".")[0] in error["message"], error
 
 
-def test_after_the_bodies_nothing_is_held(served):
-    """Runs after the fuzz above (file order): every sequence released, every block free, nothing in flight."""
+def test_every_body_gets_an_answer_or_a_named_refusal_and_nothing_is_held(served):
+    """The bodies, then the engine's state after all of them, in one test (so no worker ever checks a server
+    that saw none): every sequence released, every block free, nothing in flight."""
+    @settings(max_examples=150, deadline=None, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.too_slow])
+    @given(request=REQUESTS)
+    def bodies_answered(request):
+        _check_answer(served, *request)
+
+    bodies_answered()
     H.wait_for(lambda: served.get("/health").json()["sequences"] == 0, what="the engine to release everything")
     h = served.get("/health").json()
     assert h["status"] == "ok" and h["free_blocks"] == h["num_blocks"] and h["requests_in_flight"] == 0, h
